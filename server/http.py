@@ -1,0 +1,118 @@
+"""HTTP plumbing shared by the dialects: body limits, JSON decoding into msgspec structs, auth,
+timing headers, per-route metrics, and turning engine errors into each dialect's error body."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .canonical import Timings
+from .engine import Engine
+from .errors import InferenceError, MalformedRequest, PayloadTooLarge, Unauthorized, ValidationError
+
+log = logging.getLogger("infercore.http")
+
+T = TypeVar("T")
+ErrorFormatter = Callable[[InferenceError], Any]
+Handler = Callable[[Request], Awaitable[Response]]
+
+_encoder = msgspec.json.Encoder()
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(_encoder.encode(body), status_code=status, headers=headers, media_type="application/json")
+
+
+async def read_body(request: Request, limit_bytes: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
+        raise PayloadTooLarge(f"request body of {declared} bytes is larger than the limit of {limit_bytes} bytes")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit_bytes:
+            raise PayloadTooLarge(f"request body is larger than the limit of {limit_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_json(body: bytes, struct: type[T]) -> T:
+    if not body.strip():
+        raise MalformedRequest("request body is empty; expected a JSON object")
+    try:
+        return msgspec.json.decode(body, type=struct)
+    except msgspec.ValidationError as exc:
+        raise ValidationError(f"invalid request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise MalformedRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def timing_headers(timings: Timings, tokens: int, chars: int) -> dict[str, str]:
+    """TEI's per-request headers, durations in milliseconds."""
+    compute_s = timings.tokenization_s + timings.queue_s + timings.inference_s
+    return {
+        "x-compute-time": f"{compute_s * 1e3:.3f}",
+        "x-compute-characters": str(chars),
+        "x-compute-tokens": str(tokens),
+        "x-total-time": f"{timings.total_s * 1e3:.3f}",
+        "x-tokenization-time": f"{timings.tokenization_s * 1e3:.3f}",
+        "x-queue-time": f"{timings.queue_s * 1e3:.3f}",
+        "x-inference-time": f"{timings.inference_s * 1e3:.3f}",
+    }
+
+
+def check_api_key(request: Request, api_key: str | None) -> None:
+    if api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
+
+
+def endpoint(
+    engine: Engine,
+    route: str,
+    format_error: ErrorFormatter,
+    handler: Handler,
+    authenticate: bool = True,
+) -> Handler:
+    """Wrap a dialect handler: auth, error mapping in the dialect's shape, metrics, access log."""
+
+    async def wrapped(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            if authenticate:
+                check_api_key(request, engine.config.api_key)
+            response = await handler(request)
+        except InferenceError as exc:
+            response = error_response(exc, format_error)
+        except Exception:
+            log.exception("unexpected error on %s", route)
+            response = error_response(InferenceError("internal server error"), format_error)
+        duration = time.perf_counter() - started
+        engine.metrics.observe_request(route, response.status_code, duration)
+        log.debug("%s %s %d %.1fms", request.method, route, response.status_code, duration * 1e3)
+        return response
+
+    return wrapped
+
+
+def error_response(exc: InferenceError, format_error: ErrorFormatter) -> Response:
+    headers = {}
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        headers["retry-after"] = str(max(1, round(retry_after)))
+    if exc.status == 401:
+        headers["www-authenticate"] = "Bearer"
+    if exc.status >= 500:
+        log.warning("request failed: %s", exc.message)
+    return json_response(format_error(exc), exc.status, headers)

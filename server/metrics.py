@@ -1,0 +1,71 @@
+"""Prometheus metrics. Labels carry metadata only (route, status, model), never request content."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# 0.25 ms … ~60 s, ×2 per bucket
+DURATION_BUCKETS_S = tuple(0.00025 * 2**i for i in range(18))
+BATCH_SIZE_BUCKETS = tuple(2**i for i in range(13))
+BATCH_TOKEN_BUCKETS = tuple(2**i for i in range(4, 21))
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "infercore_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "infercore_request_duration_seconds", "HTTP request duration by route", ["route"],
+            buckets=DURATION_BUCKETS_S, registry=r,
+        )
+        self.inputs = Counter("infercore_inputs", "Inputs computed, by model", ["model"], registry=r)
+        self.input_tokens = Counter("infercore_input_tokens", "Tokens computed, by model", ["model"], registry=r)
+        self.tokenization_duration = Histogram(
+            "infercore_tokenization_duration_seconds", "Time to tokenize a request", ["model"],
+            buckets=DURATION_BUCKETS_S, registry=r,
+        )
+        self.queue_duration = Histogram(
+            "infercore_queue_duration_seconds", "Time a request's inputs waited for a batch", ["model"],
+            buckets=DURATION_BUCKETS_S, registry=r,
+        )
+        self.inference_duration = Histogram(
+            "infercore_inference_duration_seconds", "Time of the batches that computed a request", ["model"],
+            buckets=DURATION_BUCKETS_S, registry=r,
+        )
+        self.batch_duration = Histogram(
+            "infercore_batch_duration_seconds", "Model time per batch", ["model"],
+            buckets=DURATION_BUCKETS_S, registry=r,
+        )
+        self.batch_size = Histogram(
+            "infercore_batch_size", "Inputs per batch", ["model"], buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "infercore_batch_tokens", "Tokens per batch", ["model"], buckets=BATCH_TOKEN_BUCKETS, registry=r
+        )
+
+    def observe_request(self, route: str, status: int, duration_s: float) -> None:
+        self.requests.labels(route, str(status)).inc()
+        self.request_duration.labels(route).observe(duration_s)
+
+    def observe_batch(self, model: str, size: int, tokens: int, duration_s: float) -> None:
+        self.batch_size.labels(model).observe(size)
+        self.batch_tokens.labels(model).observe(tokens)
+        self.batch_duration.labels(model).observe(duration_s)
+
+    def observe_inference(
+        self, model: str, inputs: int, tokens: int, tokenization_s: float, queue_s: float, inference_s: float
+    ) -> None:
+        self.inputs.labels(model).inc(inputs)
+        self.input_tokens.labels(model).inc(tokens)
+        self.tokenization_duration.labels(model).observe(tokenization_s)
+        self.queue_duration.labels(model).observe(queue_s)
+        self.inference_duration.labels(model).observe(inference_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

