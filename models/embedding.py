@@ -71,16 +71,17 @@ class EmbeddingModel:
 
     @torch.inference_mode()
     def run(self, batch: PackedBatch, options: Sequence[EmbedOptions]) -> list[np.ndarray]:
-        """Embed every sequence of ``batch``; ``options[i]`` applies to sequence i.
+        """Embed every input of ``batch``; ``options[i]`` applies to input i.
 
-        Returns one float32 vector per sequence, of length ``options[i].dimensions`` (or full).
+        Returns one float32 vector per input, of length ``options[i].dimensions`` (or full).
         """
         hidden = self.encoder(batch)
         device = hidden.device
         skip = None
         if any(o.skip_leading for o in options):
-            skip = torch.tensor([o.skip_leading for o in options], device=device)
-        pooled = segment_pool(hidden, batch.cu_seqlens, self.pooling, skip)
+            filler = [0] * (batch.num_seqs - len(options))
+            skip = torch.tensor([o.skip_leading for o in options] + filler, device=device)
+        pooled = segment_pool(hidden, batch.cu_seqlens, self.pooling, skip)[: len(options)]
         for layer in self.dense:
             pooled = layer(pooled)
         dims = [o.dimensions or self.dimensions for o in options]

@@ -58,7 +58,7 @@ class ServedModel:
 
     def prompt_skip_tokens(self, prompt_name: str | None) -> int:
         """Leading tokens pooling must skip for this prompt (sentence-transformers include_prompt=False)."""
-        if self.include_prompt or not prompt_name:
+        if self.include_prompt or not prompt_name or not self.prompts[prompt_name]:
             return 0
         return self._prompt_lengths[prompt_name]
 

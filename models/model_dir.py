@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..kernels.segment_pool import POOLING_MODES
 from .checkpoint import CheckpointError, weight_files
 
 SETTINGS_FILE = "infercore.json"
@@ -34,7 +35,9 @@ _ST_POOLING_KEYS = {
     "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
     "pooling_mode_lasttoken": "last",
 }
-_ST_POOLING_NAMES = {"cls": "cls", "mean": "mean", "max": "max", "mean_sqrt_len_tokens": "mean_sqrt_len", "lasttoken": "last"}
+_ST_POOLING_NAMES = {
+    "cls": "cls", "mean": "mean", "max": "max", "mean_sqrt_len_tokens": "mean_sqrt_len", "lasttoken": "last",
+}
 _ST_DENSE_ACTIVATIONS = {
     "torch.nn.modules.activation.Tanh": "tanh",
     "torch.nn.modules.linear.Identity": "identity",
@@ -118,6 +121,14 @@ def _read_st_pooling(path: Path) -> tuple[str, bool]:
 
 def _read_st_dense(path: Path) -> DenseSpec:
     cfg = _read_json(path / "config.json")
+    # Variants infercore does not compute are refused by name rather than silently run wrong.
+    if cfg.get("use_residual"):
+        raise CheckpointError(f"{path}: Dense with use_residual is not supported")
+    if cfg.get("module_input_name", "sentence_embedding") != "sentence_embedding":
+        raise CheckpointError(
+            f"{path}: Dense on {cfg['module_input_name']!r} (before pooling) is not supported; "
+            "only Dense layers on the pooled sentence embedding are"
+        )
     act_name = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
     if act_name not in _ST_DENSE_ACTIVATIONS:
         raise CheckpointError(f"{path}: Dense activation {act_name!r} is not supported")
@@ -168,8 +179,15 @@ def read_model_dir(path: str | Path) -> ModelDirSpec:
             kind = _module_kind(module.get("type", ""))
             module_path = path / module.get("path", "")
             st_modules.append(kind)
-            if kind in ("Transformer", "Normalize"):
-                continue  # normalisation is a request option (default on), as in TEI
+            if kind == "Transformer":
+                continue
+            if kind == "Normalize":
+                # Normalising the pooled vector is a request option (default on), as in TEI; a
+                # Normalize on token embeddings (multi-vector models) would change the pooled result.
+                cfg = _read_json_if_present(module_path / "config.json") or {}
+                if cfg.get("module_input_name", "sentence_embedding") != "sentence_embedding":
+                    raise CheckpointError(f"{module_path}: Normalize on {cfg['module_input_name']!r} is not supported")
+                continue
             if kind == "Pooling":
                 pooling, include_prompt = _read_st_pooling(module_path)
             elif kind == "Dense":
@@ -185,6 +203,10 @@ def read_model_dir(path: str | Path) -> ModelDirSpec:
     prompts = dict(st_prompts.get("prompts") or {})
     default_prompt_name = st_prompts.get("default_prompt_name")
 
+    if "pooling" in settings and settings["pooling"] not in POOLING_MODES:
+        raise CheckpointError(
+            f"{path}/{SETTINGS_FILE}: pooling {settings['pooling']!r} is not one of {', '.join(POOLING_MODES)}"
+        )
     if "prompts" in settings:
         prompts = dict(settings["prompts"])
     if "default_prompt_name" in settings:

@@ -3,6 +3,11 @@
 A batch of sequences of lengths [3, 1, 4] is carried as one flat token vector of 8 ids and
 ``cu_seqlens = [0, 3, 4, 8]``; sequence ``i`` owns tokens ``cu_seqlens[i]:cu_seqlens[i+1]``.
 Nothing is computed for padding because there is none.
+
+CPU batch invariance: the CPU matrix multiply rounds differently for very small row counts (on
+the 2-core AVX2 machine, 1–3, 5–7, 9–11 rows differ from 4, 8 and 12+), so an input embedded alone
+would not be bit-identical to the same input inside a larger batch. CPU batches are therefore
+topped up to ``CPU_MIN_TOKENS`` rows with a filler sequence whose outputs heads drop.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+CPU_MIN_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,7 @@ class PackedBatch:
     cu_seqlens:     [num_seqs + 1] int32 on the device, cumulative sequence lengths
     seq_lens:       host copy of the per-sequence lengths (avoids device syncs)
     max_seqlen:     longest sequence in the batch
+    num_inputs:     sequences that carry inputs; any after them are filler whose results heads drop
     """
 
     input_ids: torch.Tensor
@@ -33,6 +41,7 @@ class PackedBatch:
     cu_seqlens: torch.Tensor
     seq_lens: tuple[int, ...]
     max_seqlen: int
+    num_inputs: int
 
     @property
     def num_seqs(self) -> int:
@@ -65,14 +74,25 @@ def pack_sequences(
     type_ids: Sequence[Sequence[int]] | None = None,
     device: torch.device | str = "cpu",
     pin_memory: bool = False,
+    min_tokens: int | None = None,
 ) -> PackedBatch:
     """Pack token id lists into a PackedBatch on ``device``.
 
     Building happens on the host with numpy (one allocation per field) and is copied to the
     device once; with ``pin_memory`` the host buffers are page-locked so the copy can be async.
+    ``min_tokens`` (default: CPU_MIN_TOKENS on CPU, 0 elsewhere) appends a filler sequence of
+    token id 0 to smaller batches.
     """
     if not ids:
         raise ValueError("cannot pack an empty batch")
+    num_inputs = len(ids)
+    if min_tokens is None:
+        min_tokens = CPU_MIN_TOKENS if torch.device(device).type == "cpu" else 0
+    missing = min_tokens - sum(len(s) for s in ids)
+    if missing > 0:
+        ids = [*ids, [0] * missing]
+        if type_ids is not None:
+            type_ids = [*type_ids, [0] * missing]
     seq_lens = tuple(len(s) for s in ids)
     if min(seq_lens) == 0:
         raise ValueError("cannot pack an empty sequence")
@@ -98,4 +118,5 @@ def pack_sequences(
         cu_seqlens=to_device(cu),
         seq_lens=seq_lens,
         max_seqlen=max(seq_lens),
+        num_inputs=num_inputs,
     )

@@ -70,6 +70,8 @@ def resolve_sources(models: list[ModelSource], models_dir: Path | None) -> list[
         sources = starter_sources()
     seen: set[str] = set()
     for source in sources:
+        if not source.path.is_dir():
+            raise CheckpointError(f"model {source.id!r}: {source.path} is not a directory")
         if source.id in seen:
             raise CheckpointError(f"model id {source.id!r} is configured twice")
         seen.add(source.id)

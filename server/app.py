@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from .dialects import native, openai
 from .engine import Engine
+from .errors import InferenceError, MalformedRequest, MethodNotAllowed, RouteNotFound
 from .http import json_response
 
 log = logging.getLogger("infercore.app")
@@ -29,17 +30,24 @@ def create_app(engine: Engine, on_load_failure: Callable[[], None] | None = None
         yield
         engine.shutdown()
 
-    async def http_error(request: Request, exc: Exception) -> Response:
-        status = getattr(exc, "status_code", 500)
-        detail = getattr(exc, "detail", "error")
-        if status == 404:
-            detail = f"no route {request.method} {request.url.path}"
-        elif status == 405:
-            detail = f"method {request.method} is not allowed on {request.url.path}"
-        return json_response({"error": detail, "error_type": "Validation"}, status)
+    dialect_routes = [(native.format_error, native.routes(engine)), (openai.format_error, openai.routes(engine))]
+    # 404/405 answers come in the error shape of the dialect that owns the path.
+    formatter_by_path = {route.path: fmt for fmt, routes in dialect_routes for route in routes}
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        path = request.url.path
+        if exc.status_code == 404:
+            error: InferenceError = RouteNotFound(f"no route {request.method} {path}")
+        elif exc.status_code == 405:
+            error = MethodNotAllowed(f"method {request.method} is not allowed on {path}")
+        else:
+            error = MalformedRequest(str(exc.detail))
+        format_error = formatter_by_path.get(path, native.format_error)
+        engine.metrics.observe_request("unmatched" if exc.status_code == 404 else path, exc.status_code, 0.0)
+        return json_response(format_error(error), exc.status_code, exc.headers)
 
     return Starlette(
-        routes=native.routes(engine) + openai.routes(engine),
+        routes=[route for _, routes in dialect_routes for route in routes],
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error},
     )

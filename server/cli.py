@@ -6,9 +6,16 @@ Every ``serve`` flag can also be set through the environment as ``INFERCORE_<FLA
 
 from __future__ import annotations
 
+import os
+
+# Before anything imports torch: idle OpenMP workers sleep instead of spinning. With spinning
+# workers, a CPU server that shares its cores (with its own event loop, tokenizers, or any other
+# process) runs 10-30x slower (bench: benchmarks/bench_cpu_threads.py); with nothing else running
+# the cost of sleeping is within noise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -57,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--api-key", default=_env("api-key", None), help="require 'Authorization: Bearer KEY'")
     serve.add_argument(
-        "--max-batch-tokens", type=_positive_int, default=int(_env("max-batch-tokens", defaults.max_batch_tokens)),
-        help="token budget of one model batch (also caps the length of one input)",
+        "--max-batch-tokens", type=_positive_int, default=_env("max-batch-tokens", None),
+        help="token budget of one model batch (default: 4096 on CPU, 16384 on CUDA; never below a model's input limit)",
     )
     serve.add_argument(
         "--max-batch-requests", type=_positive_int, default=_env("max-batch-requests", None),
@@ -85,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--tokenization-workers", type=_positive_int,
         default=int(_env("tokenization-workers", defaults.tokenization_workers)),
+    )
+    serve.add_argument(
+        "--cpu-threads", type=_positive_int, default=_env("cpu-threads", None),
+        help="threads for CPU inference (default: one per core)",
     )
     serve.add_argument(
         "--log-level", default=_env("log-level", "info"), choices=["debug", "info", "warning", "error"],
@@ -116,13 +127,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         device=args.device,
         dtype=args.dtype,
         api_key=args.api_key or None,
-        max_batch_tokens=args.max_batch_tokens,
+        max_batch_tokens=int(args.max_batch_tokens) if args.max_batch_tokens else None,
         max_batch_requests=int(args.max_batch_requests) if args.max_batch_requests else None,
         max_client_batch_size=args.max_client_batch_size,
         max_input_tokens=int(args.max_input_tokens) if args.max_input_tokens else None,
         auto_truncate=args.auto_truncate,
         payload_limit_bytes=args.payload_limit,
         tokenization_workers=args.tokenization_workers,
+        cpu_threads=int(args.cpu_threads) if args.cpu_threads else None,
         log_level=args.log_level,
     )
 

@@ -8,6 +8,11 @@ from pathlib import Path
 
 from ..models.repository import ModelSource
 
+# Per-device default token budget of a batch. On CPU, bigger batches buy nothing (the matmuls are
+# already at the cores' peak) and cost page faults for >32 MiB activations: 4096 measured ~1.2x
+# faster than 16384 on the 2-core machine (benchmarks/bench_engine_cpu.py --max-batch-tokens).
+DEFAULT_MAX_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
+
 
 @dataclass
 class ServerConfig:
@@ -18,8 +23,9 @@ class ServerConfig:
     device: str = "auto"
     dtype: str = "auto"
     api_key: str | None = None
-    # Largest batch the scheduler hands the model, in tokens (padding-free count).
-    max_batch_tokens: int = 16384
+    # Largest batch the scheduler hands a model, in tokens (padding-free count). None: the device's
+    # default. A model's budget is never below its own input limit, so one input always fits.
+    max_batch_tokens: int | None = None
     # Optional cap on sequences per batch.
     max_batch_requests: int | None = None
     # Inputs per request; more gets 413 (Elasticsearch's openai service sends up to 2048).
@@ -31,4 +37,9 @@ class ServerConfig:
     # Largest request body accepted, in bytes.
     payload_limit_bytes: int = 8 * 1024 * 1024
     tokenization_workers: int = max(1, (os.cpu_count() or 2) - 1)
+    # Intra-op threads for CPU inference; None keeps torch's default (one per core).
+    cpu_threads: int | None = None
     log_level: str = "info"
+
+    def batch_token_budget(self, device_type: str, max_input_tokens: int) -> int:
+        return max(self.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS[device_type], max_input_tokens)

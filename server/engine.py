@@ -13,6 +13,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
+
 from ..models.checkpoint import CheckpointError
 from ..models.embedding import EmbedOptions
 from ..models.loader import ServedModel, load_model
@@ -54,22 +56,25 @@ class Engine:
 
     def load(self) -> None:
         """Load, warm up and start every configured model (blocking). Sets state to ready or failed."""
+        if self.config.cpu_threads:
+            torch.set_num_threads(self.config.cpu_threads)
         try:
             sources = resolve_sources(self.config.models, self.config.models_dir)
             for source in sources:
                 started = time.perf_counter()
                 model = load_model(
-                    source.id, source.path, self.config.device, self.config.dtype, self._input_token_cap()
+                    source.id, source.path, self.config.device, self.config.dtype, self.config.max_input_tokens
                 )
                 model.warmup()
-                scheduler = TokenBudgetScheduler(self.config.max_batch_tokens, self.config.max_batch_requests)
+                budget = self.config.batch_token_budget(model.device.type, model.max_input_tokens)
+                scheduler = TokenBudgetScheduler(budget, self.config.max_batch_requests)
                 executor = ModelExecutor(model, scheduler, self.metrics)
                 executor.start()
                 self.models[model.id] = ModelHandle(model, scheduler, executor)
                 log.info(
-                    "loaded model %s (%s, %s, %s on %s, max %d tokens) in %.1fs",
+                    "loaded model %s (%s, %s, %s on %s, max %d tokens per input, %d per batch) in %.1fs",
                     model.id, model.task, model.family, str(model.dtype).removeprefix("torch."),
-                    model.device, model.max_input_tokens, time.perf_counter() - started,
+                    model.device, model.max_input_tokens, budget, time.perf_counter() - started,
                 )
         except CheckpointError as exc:
             self.failure = str(exc)
@@ -80,13 +85,6 @@ class Engine:
             self.state = "failed"
             raise
         self.state = "ready"
-
-    def _input_token_cap(self) -> int:
-        """A single input must fit in one batch, so the batch budget also caps input length."""
-        cap = self.config.max_batch_tokens
-        if self.config.max_input_tokens:
-            cap = min(cap, self.config.max_input_tokens)
-        return cap
 
     def shutdown(self) -> None:
         """Stop accepting work, let executors finish what is queued, release the workers."""

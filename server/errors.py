@@ -42,6 +42,16 @@ class ModelNotFound(InferenceError):
     error_type = "ModelNotFound"
 
 
+class RouteNotFound(InferenceError):
+    status = 404
+    error_type = "NotFound"
+
+
+class MethodNotAllowed(InferenceError):
+    status = 405
+    error_type = "Validation"
+
+
 class Unauthorized(InferenceError):
     status = 401
     error_type = "Unauthorized"

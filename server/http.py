@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from .canonical import Timings
 from .engine import Engine
-from .errors import InferenceError, MalformedRequest, PayloadTooLarge, Unauthorized, ValidationError
+from .errors import InferenceError, MalformedRequest, NotReady, PayloadTooLarge, Unauthorized, ValidationError
 
 log = logging.getLogger("infercore.http")
 
@@ -113,6 +113,6 @@ def error_response(exc: InferenceError, format_error: ErrorFormatter) -> Respons
         headers["retry-after"] = str(max(1, round(retry_after)))
     if exc.status == 401:
         headers["www-authenticate"] = "Bearer"
-    if exc.status >= 500:
+    if exc.status >= 500 and not isinstance(exc, NotReady):
         log.warning("request failed: %s", exc.message)
     return json_response(format_error(exc), exc.status, headers)

@@ -8,11 +8,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
-from tests import tiny_checkpoints  # noqa: E402
+from tests import tiny_checkpoints
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +25,53 @@ def minilm_dir() -> Path:
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A tiny random BertModel with sentence-transformers files (mean pooling + Normalize)."""
     return tiny_checkpoints.build_bert(tmp_path_factory.mktemp("ckpt") / "bert-tiny", "bert-tiny")
+
+
+# ---- real server processes (see tests/server_process.py) ------------------------------------
+
+@pytest.fixture(scope="session")
+def starter_server(tmp_path_factory):
+    """What `make serve` runs: no model options, so the starter model; debug logs to check retention."""
+    from tests.server_process import start_server
+
+    server = start_server(["--log-level", "debug"], tmp_path_factory.mktemp("starter-server"), "starter")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def multi_server(tmp_path_factory, minilm_dir, tiny_bert_dir):
+    """Two models (minilm first, so the default), an API key, small limits and --auto-truncate."""
+    from tests.server_process import MULTI_API_KEY, MULTI_MAX_CLIENT_BATCH_SIZE, MULTI_PAYLOAD_LIMIT_BYTES, start_server
+
+    args = [
+        "--model", f"minilm={minilm_dir}",
+        "--model", f"tiny={tiny_bert_dir}",
+        "--api-key", MULTI_API_KEY,
+        "--max-client-batch-size", str(MULTI_MAX_CLIENT_BATCH_SIZE),
+        "--payload-limit", str(MULTI_PAYLOAD_LIMIT_BYTES),
+        "--auto-truncate",
+        "--log-level", "debug",
+    ]
+    server = start_server(args, tmp_path_factory.mktemp("multi-server"), "multi")
+    server.api_key = MULTI_API_KEY
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def starter_client(starter_server):
+    import httpx
+
+    with httpx.Client(base_url=starter_server.url, timeout=60.0, trust_env=False) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def multi_client(multi_server):
+    """A client that sends the multi server's API key."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {multi_server.api_key}"}
+    with httpx.Client(base_url=multi_server.url, headers=headers, timeout=60.0, trust_env=False) as client:
+        yield client

@@ -66,7 +66,8 @@ def write_sentence_transformers_files(out: Path, width: int, pooling: str, promp
         {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
     ]
     (out / "modules.json").write_text(json.dumps(modules))
-    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}))
+    st_bert_config = {"max_seq_length": max_seq_length, "do_lower_case": False}
+    (out / "sentence_bert_config.json").write_text(json.dumps(st_bert_config))
     (out / "1_Pooling").mkdir(exist_ok=True)
     keys = {"cls": "cls_token", "mean": "mean_tokens", "max": "max_tokens", "last": "lasttoken",
             "mean_sqrt_len": "mean_sqrt_len_tokens"}
@@ -77,6 +78,54 @@ def write_sentence_transformers_files(out: Path, width: int, pooling: str, promp
     (out / "2_Normalize").mkdir(exist_ok=True)
     st_config = {"prompts": prompts or {}, "default_prompt_name": None, "similarity_fn_name": "cosine"}
     (out / "config_sentence_transformers.json").write_text(json.dumps(st_config))
+
+
+def build_bert_with_head(out: Path, head: str, variant: str = "bert-tiny", seed: int = 0) -> Path:
+    """A transformers head model (``BertForMaskedLM``, ``BertForSequenceClassification``...) saved as
+    published: encoder weights under ``bert.``, the head's own weights beside them, no
+    sentence-transformers files. Its encoder is the saved model's ``.bert``."""
+    import torch
+    import transformers
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=30522, **BERT_VARIANTS[variant])
+    model = getattr(transformers, head)(config).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    copy_tokenizer(out)
+    return out
+
+
+def rename_layer_norm_to_gamma_beta(model_dir: Path) -> None:
+    """Rewrite ``model.safetensors`` with the TF-era LayerNorm names (``gamma``/``beta``) that old
+    BERT checkpoints still carry."""
+    from safetensors.torch import load_file, save_file
+
+    path = model_dir / "model.safetensors"
+    weights = load_file(str(path))
+    renamed = {}
+    for name, tensor in weights.items():
+        if ".LayerNorm." in name:
+            name = name.replace(".LayerNorm.weight", ".LayerNorm.gamma").replace(".LayerNorm.bias", ".LayerNorm.beta")
+        renamed[name] = tensor.contiguous()
+    save_file(renamed, str(path), metadata={"format": "pt"})
+
+
+def build_sharded_bert(out: Path, source: Path, max_shard_size: str = "2MB") -> Path:
+    """``source`` (a build_bert dir) re-saved by transformers as a sharded checkpoint
+    (``model.safetensors.index.json`` + shards), with the same tokenizer and sentence-transformers files."""
+    from transformers import BertModel
+
+    out.mkdir(parents=True, exist_ok=True)
+    BertModel.from_pretrained(source).save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
+    for item in source.iterdir():
+        if item.name in ("config.json", "model.safetensors"):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, out / item.name, dirs_exist_ok=True)
+        else:
+            shutil.copy(item, out / item.name)
+    return out
 
 
 def build_all(root: Path) -> list[Path]:

@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from ... import __version__
 from ..canonical import DecodeRequest, EmbedRequest, TokenizeRequest
-from ..engine import Engine
+from ..engine import Engine, ModelHandle
 from ..errors import InferenceError, NotReady, ValidationError
 from ..http import decode_json, endpoint, json_response, read_body, timing_headers
 
@@ -104,8 +104,8 @@ def routes(engine: Engine) -> list[Route]:
     async def info(request: Request) -> Response:
         engine.require_ready()
         cfg = engine.config
-        models = [model_info(h.model) for h in engine.models.values()]
-        first = next(iter(engine.models.values())).model
+        handles = list(engine.models.values())
+        first = handles[0].model
         return json_response(
             {
                 # TEI's fields, describing the default (first) model
@@ -114,14 +114,14 @@ def routes(engine: Engine) -> list[Route]:
                 "model_dtype": str(first.dtype).removeprefix("torch."),
                 "model_type": {"embedding": {"pooling": first.runner.pooling}},
                 "max_input_length": first.max_input_tokens,
-                "max_batch_tokens": cfg.max_batch_tokens,
+                "max_batch_tokens": handles[0].scheduler.max_batch_tokens,
                 "max_batch_requests": cfg.max_batch_requests,
                 "max_client_batch_size": cfg.max_client_batch_size,
                 "auto_truncate": cfg.auto_truncate,
                 "tokenization_workers": cfg.tokenization_workers,
                 "version": __version__,
                 # every served model
-                "models": models,
+                "models": [model_info(h) for h in handles],
             }
         )
 
@@ -131,7 +131,7 @@ def routes(engine: Engine) -> list[Route]:
             {
                 "object": "list",
                 "data": [
-                    {"id": h.id, "object": "model", "created": 0, "owned_by": "infercore", **model_info(h.model)}
+                    {"id": h.id, "object": "model", "created": 0, "owned_by": "infercore", **model_info(h)}
                     for h in engine.models.values()
                 ],
             }
@@ -154,7 +154,8 @@ def routes(engine: Engine) -> list[Route]:
     ]
 
 
-def model_info(model) -> dict:
+def model_info(handle: ModelHandle) -> dict:
+    model = handle.model
     return {
         "model_id": model.id,
         "task": model.task,
@@ -166,6 +167,7 @@ def model_info(model) -> dict:
         "pooling": model.runner.pooling,
         "prompts": model.prompts,
         "default_prompt_name": model.default_prompt_name,
+        "max_batch_tokens": handle.scheduler.max_batch_tokens,
         "dtype": str(model.dtype).removeprefix("torch."),
         "device": str(model.device),
     }

@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from ..canonical import EmbedRequest
 from ..engine import Engine
-from ..errors import InferenceError
+from ..errors import InferenceError, ModelNotFound, Overloaded, PayloadTooLarge, Unauthorized
 from ..http import decode_json, endpoint, json_response, read_body, timing_headers
 
 
@@ -30,21 +30,20 @@ class EmbeddingsBody(msgspec.Struct):
     user: str | None = None
 
 
-_ERROR_TYPES = {
-    401: ("authentication_error", "invalid_api_key"),
-    404: ("invalid_request_error", "model_not_found"),
-    413: ("invalid_request_error", "context_length_exceeded"),
-    429: ("rate_limit_error", "rate_limit_exceeded"),
-}
-
-
 def format_error(exc: InferenceError) -> dict:
-    if exc.status in _ERROR_TYPES:
-        error_type, code = _ERROR_TYPES[exc.status]
+    code = None
+    if isinstance(exc, Unauthorized):
+        error_type, code = "authentication_error", "invalid_api_key"
+    elif isinstance(exc, ModelNotFound):
+        error_type, code = "invalid_request_error", "model_not_found"
+    elif isinstance(exc, Overloaded):
+        error_type, code = "rate_limit_error", "rate_limit_exceeded"
     elif exc.status < 500:
-        error_type, code = "invalid_request_error", None
+        error_type = "invalid_request_error"
+        if isinstance(exc, PayloadTooLarge):
+            code = "context_length_exceeded"
     else:
-        error_type, code = "server_error", None
+        error_type = "server_error"
     return {"error": {"message": exc.message, "type": error_type, "param": None, "code": code}}
 
 
