@@ -15,7 +15,7 @@ import torch
 
 from .catalog import CatalogEntry, lookup
 from .checkpoint import CheckpointError, open_weights
-from .embedding import DenseLayer, EmbeddingModel
+from .embedding import DenseLayer, EmbeddingModel, EmbedOptions
 from .families import Family, family_for_config
 from .layers import WeightReader
 from .model_dir import ModelDirSpec, read_model_dir
@@ -64,8 +64,6 @@ class ServedModel:
 
     def warmup(self) -> None:
         """One forward pass of a full-length input, so a broken model fails at load, not per request."""
-        from .embedding import EmbedOptions
-
         ids = [self.tokenizer.encode_batch(["warm up"], truncate=True)[0].ids]
         ids.append([ids[0][0]] * self.max_input_tokens)
         batch = pack_sequences(ids, device=self.device)
