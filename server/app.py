@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
+from types import FrameType
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -61,3 +65,33 @@ def _load(engine: Engine, on_failure: Callable[[], None] | None) -> None:
         log.error("model loading failed: %s", engine.failure)
         if on_failure is not None:
             on_failure()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn with a drain on SIGTERM/SIGINT: readiness turns false and new requests get 503 at
+    once, admitted requests finish (up to ``drain_timeout_s``), then the server stops and the
+    process exits 0. A second SIGINT forces the exit, as in plain uvicorn."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine, drain_timeout_s: float):
+        super().__init__(config)
+        self.engine = engine
+        self.drain_timeout_s = drain_timeout_s
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining:
+            if sig == signal.SIGINT:
+                self.force_exit = True
+                self.should_exit = True
+            return
+        self._draining = True
+        self.engine.begin_drain()
+        threading.Thread(target=self._exit_when_drained, name="drain", daemon=True).start()
+
+    def _exit_when_drained(self) -> None:
+        deadline = time.monotonic() + self.drain_timeout_s
+        while self.engine.admitted and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self.engine.admitted:
+            log.warning("drain timeout: %d requests still in progress", self.engine.admitted)
+        self.should_exit = True

@@ -20,6 +20,10 @@ class EmbedRequest:
     truncate_left: bool = False
     prompt_name: str | None = None
     dimensions: int | None = None
+    # Scheduling: lane ("search" | "ingest" | "batch"; None picks one from the request's size)
+    # and how long the client waits, in seconds (None: the server's --request-timeout).
+    priority: str | None = None
+    timeout_s: float | None = None
 
 
 @dataclass
@@ -39,6 +43,7 @@ class EmbedResult:
     input_tokens: int
     input_chars: int
     truncated: list[bool]
+    lane: str = "ingest"
     timings: Timings = field(default_factory=Timings)
 
 

@@ -48,6 +48,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_seconds(value: float, flag: str) -> float:
+    if not value > 0:
+        raise ValueError(f"{flag} must be a positive number of seconds, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infercore", description="Embedding, sparse and rerank inference server")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-batch-requests", type=_positive_int, default=_env("max-batch-requests", None),
         help="cap on inputs per model batch",
+    )
+    serve.add_argument(
+        "--max-queued-tokens", type=_positive_int, default=_env("max-queued-tokens", None),
+        help="tokens that may wait per model before requests get 429 (default: 32 batches' worth)",
+    )
+    serve.add_argument(
+        "--max-concurrent-requests", type=_positive_int,
+        default=int(_env("max-concurrent-requests", defaults.max_concurrent_requests)),
+        help="requests in progress at once before new ones get 429",
+    )
+    serve.add_argument(
+        "--request-timeout", type=float, default=float(_env("request-timeout", defaults.request_timeout_s)),
+        help="seconds a request may take when it sends no X-Request-Timeout header; later: 503",
+    )
+    serve.add_argument(
+        "--drain-timeout", type=float, default=float(_env("drain-timeout", defaults.drain_timeout_s)),
+        help="after SIGTERM, seconds admitted requests may take to finish before the process exits",
     )
     serve.add_argument(
         "--max-client-batch-size", type=_positive_int,
@@ -130,6 +153,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_batch_tokens=int(args.max_batch_tokens) if args.max_batch_tokens else None,
         max_batch_requests=int(args.max_batch_requests) if args.max_batch_requests else None,
         max_client_batch_size=args.max_client_batch_size,
+        max_queued_tokens=int(args.max_queued_tokens) if args.max_queued_tokens else None,
+        max_concurrent_requests=args.max_concurrent_requests,
+        request_timeout_s=_positive_seconds(args.request_timeout, "--request-timeout"),
+        drain_timeout_s=_positive_seconds(args.drain_timeout, "--drain-timeout"),
         max_input_tokens=int(args.max_input_tokens) if args.max_input_tokens else None,
         auto_truncate=args.auto_truncate,
         payload_limit_bytes=args.payload_limit,
@@ -142,7 +169,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .app import create_app
+    from .app import DrainingServer, create_app
     from .engine import Engine
 
     configure_logging(args.log_level)
@@ -159,11 +186,13 @@ def serve(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     app = create_app(engine, on_load_failure)
-    server = uvicorn.Server(
+    server = DrainingServer(
         uvicorn.Config(
             app, host=config.host, port=config.port, log_level=config.log_level,
-            access_log=False, lifespan="on", timeout_graceful_shutdown=30,
-        )
+            access_log=False, lifespan="on", timeout_graceful_shutdown=5,
+        ),
+        engine,
+        config.drain_timeout_s,
     )
     server.run()
     return exit_code

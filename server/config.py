@@ -12,6 +12,8 @@ from ..models.repository import ModelSource
 # already at the cores' peak) and cost page faults for >32 MiB activations: 4096 measured ~1.2x
 # faster than 16384 on the 2-core machine (benchmarks/bench_engine_cpu.py --max-batch-tokens).
 DEFAULT_MAX_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
+# Default admission bound: this many full batches may wait per model.
+QUEUED_BATCHES_DEFAULT = 32
 
 
 @dataclass
@@ -28,6 +30,14 @@ class ServerConfig:
     max_batch_tokens: int | None = None
     # Optional cap on sequences per batch.
     max_batch_requests: int | None = None
+    # Admission bound per model, in queued tokens; None: 32 batches' worth. Beyond it: 429.
+    max_queued_tokens: int | None = None
+    # Requests being tokenized, queued or computed at once; beyond it: 429.
+    max_concurrent_requests: int = 512
+    # Deadline of a request that does not send X-Request-Timeout, in seconds.
+    request_timeout_s: float = 60.0
+    # After SIGTERM: how long admitted requests may take to finish before the process exits anyway.
+    drain_timeout_s: float = 30.0
     # Inputs per request; more gets 413 (Elasticsearch's openai service sends up to 2048).
     max_client_batch_size: int = 2048
     # Lowers every model's own token limit when set.
@@ -43,3 +53,6 @@ class ServerConfig:
 
     def batch_token_budget(self, device_type: str, max_input_tokens: int) -> int:
         return max(self.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS[device_type], max_input_tokens)
+
+    def queued_token_limit(self, batch_token_budget: int) -> int:
+        return self.max_queued_tokens or QUEUED_BATCHES_DEFAULT * batch_token_budget

@@ -1,15 +1,18 @@
 """The engine: loaded models, their schedulers and executors, and the request pipeline.
 
-validate → tokenize (worker pool, off the event loop) → queue one work item per input → the model's
-executor batches and computes → futures resolve → a canonical result. Dialects call the engine
-with canonical requests; the engine never sees JSON and never touches tensors itself.
+admission (readiness, concurrency) → validate → tokenize (worker pool, off the event loop) → pick a
+lane → queue one work item per input (admission in tokens) → executors batch and compute → futures
+resolve → a canonical result. Dialects call the engine with canonical requests; the engine never
+sees JSON and never touches tensors itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -22,25 +25,39 @@ from ..models.repository import resolve_sources
 from ..models.tokenizer import InputTooLong, Token, TokenizedInput
 from .canonical import DecodeRequest, EmbedRequest, EmbedResult, Timings, TokenizeRequest
 from .config import ServerConfig
-from .errors import BackendError, ModelNotFound, NotReady, PayloadTooLarge, ValidationError
+from .errors import (
+    BackendError,
+    DeadlineExceeded,
+    ModelNotFound,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    ValidationError,
+)
 from .executor import ItemResult, ModelExecutor
 from .metrics import Metrics
-from .scheduler import TokenBudgetScheduler, WorkItem
+from .scheduler import LANES, TokenBudgetScheduler, WorkItem
 
 log = logging.getLogger("infercore.engine")
 
 HEALTH_PROBE_TIMEOUT_S = 30.0
+# A request with one input of at most this many tokens and no explicit lane is a search.
+SEARCH_LANE_MAX_TOKENS = 64
 
 
 @dataclass
 class ModelHandle:
     model: ServedModel
     scheduler: TokenBudgetScheduler
-    executor: ModelExecutor
+    executors: list[ModelExecutor]
 
     @property
     def id(self) -> str:
         return self.model.id
+
+    @property
+    def healthy(self) -> bool:
+        return all(e.healthy for e in self.executors)
 
 
 class Engine:
@@ -50,7 +67,10 @@ class Engine:
         self.models: dict[str, ModelHandle] = {}
         self.state = "starting"  # starting → ready → draining → stopped; or failed
         self.failure: str | None = None
+        # Requests between admission and their answer (tokenizing, queued or computing).
+        self.admitted = 0
         self._tokenizer_pool = ThreadPoolExecutor(config.tokenization_workers, thread_name_prefix="tokenize")
+        self.metrics.watch_queues(self._queue_depths)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -59,43 +79,63 @@ class Engine:
         if self.config.cpu_threads:
             torch.set_num_threads(self.config.cpu_threads)
         try:
-            sources = resolve_sources(self.config.models, self.config.models_dir)
-            for source in sources:
-                started = time.perf_counter()
-                model = load_model(
-                    source.id, source.path, self.config.device, self.config.dtype, self.config.max_input_tokens
-                )
-                model.warmup()
-                budget = self.config.batch_token_budget(model.device.type, model.max_input_tokens)
-                scheduler = TokenBudgetScheduler(budget, self.config.max_batch_requests)
-                executor = ModelExecutor(model, scheduler, self.metrics)
-                executor.start()
-                self.models[model.id] = ModelHandle(model, scheduler, executor)
-                log.info(
-                    "loaded model %s (%s, %s, %s on %s, max %d tokens per input, %d per batch) in %.1fs",
-                    model.id, model.task, model.family, str(model.dtype).removeprefix("torch."),
-                    model.device, model.max_input_tokens, budget, time.perf_counter() - started,
-                )
-        except CheckpointError as exc:
-            self.failure = str(exc)
-            self.state = "failed"
-            raise
+            for source in resolve_sources(self.config.models, self.config.models_dir):
+                self._load_one(source.id, source.path)
         except Exception as exc:
-            self.failure = f"{type(exc).__name__}: {exc}"
+            self.failure = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
             self.state = "failed"
             raise
-        self.state = "ready"
+        if self.state == "starting":  # not if a drain began while loading
+            self.state = "ready"
+
+    def _load_one(self, model_id: str, path) -> None:
+        started = time.perf_counter()
+        model = load_model(model_id, path, self.config.device, self.config.dtype, self.config.max_input_tokens)
+        model.warmup()
+        budget = self.config.batch_token_budget(model.device.type, model.max_input_tokens)
+        scheduler = TokenBudgetScheduler(
+            budget,
+            self.config.max_batch_requests,
+            self.config.queued_token_limit(budget),
+            on_drop=lambda reason, n: self.metrics.dropped.labels(model_id, reason).inc(n),
+        )
+        executors = [
+            ModelExecutor(model, scheduler, self.metrics, LANES, "main"),
+            # CUDA stream priorities: lower is higher priority.
+            ModelExecutor(model, scheduler, self.metrics, ("search",), "search", stream_priority=-1),
+        ]
+        for executor in executors:
+            executor.start()
+        self.models[model.id] = ModelHandle(model, scheduler, executors)
+        log.info(
+            "loaded model %s (%s, %s, %s on %s, max %d tokens per input, %d per batch) in %.1fs",
+            model.id, model.task, model.family, str(model.dtype).removeprefix("torch."),
+            model.device, model.max_input_tokens, budget, time.perf_counter() - started,
+        )
+
+    def begin_drain(self) -> None:
+        """Readiness false at once; new requests get 503; admitted ones finish."""
+        if self.state in ("starting", "ready"):
+            self.state = "draining"
+            log.info("draining: %d admitted requests to finish", self.admitted)
 
     def shutdown(self) -> None:
         """Stop accepting work, let executors finish what is queued, release the workers."""
-        if self.state == "ready":
-            self.state = "draining"
+        self.begin_drain()
         for handle in self.models.values():
-            handle.executor.stop(timeout_s=60)
+            handle.scheduler.close()
+        for handle in self.models.values():
+            for executor in handle.executors:
+                executor.join(timeout_s=60)
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         self.state = "stopped"
 
-    # ---- model lookup ----------------------------------------------------------------------
+    def _queue_depths(self) -> Iterator[tuple[str, str, int, int]]:
+        for handle in list(self.models.values()):
+            for lane, (items, tokens) in handle.scheduler.lane_depths().items():
+                yield handle.id, lane, items, tokens
+
+    # ---- admission and model lookup ---------------------------------------------------------
 
     def require_ready(self) -> None:
         if self.state == "ready":
@@ -104,7 +144,29 @@ class Engine:
             raise NotReady("the server is still loading its models")
         if self.state == "failed":
             raise NotReady(f"model loading failed: {self.failure}")
-        raise NotReady("the server is shutting down")
+        raise NotReady("the server is shutting down and accepts no new requests")
+
+    @contextlib.contextmanager
+    def admission(self) -> Iterator[None]:
+        """Count a request from admission to answer; refuse it when not ready or at capacity."""
+        try:
+            self.require_ready()
+        except NotReady:
+            if self.state == "draining":
+                self.metrics.rejected.labels("draining").inc()
+            raise
+        if self.admitted >= self.config.max_concurrent_requests:
+            self.metrics.rejected.labels("concurrency").inc()
+            raise Overloaded(
+                f"{self.admitted} requests are already in progress (--max-concurrent-requests "
+                f"{self.config.max_concurrent_requests}); retry later",
+                retry_after_s=1.0,
+            )
+        self.admitted += 1
+        try:
+            yield
+        finally:
+            self.admitted -= 1
 
     def resolve(self, name: str | None, task: str) -> ModelHandle:
         """The model a request names, or the first model serving ``task`` when it names none."""
@@ -136,6 +198,27 @@ class Engine:
             if not text:
                 raise ValidationError(f"input {i} is empty")
 
+    def _deadline(self, timeout_s: float | None, started: float) -> float:
+        if timeout_s is None:
+            timeout_s = self.config.request_timeout_s
+        elif not timeout_s > 0:
+            raise ValidationError(f"the request timeout must be a positive number of seconds, got {timeout_s}")
+        return started + timeout_s
+
+    @staticmethod
+    def _check_priority(priority: str | None) -> None:
+        if priority is not None and priority not in LANES:
+            raise ValidationError(f"priority must be one of {', '.join(LANES)}, got {priority!r}")
+
+    @staticmethod
+    def _lane(priority: str | None, tokenized: list[TokenizedInput]) -> str:
+        """The request's lane, or by default: search for one short input, ingest otherwise."""
+        if priority is not None:
+            return priority
+        if len(tokenized) == 1 and len(tokenized[0]) <= SEARCH_LANE_MAX_TOKENS:
+            return "search"
+        return "ingest"
+
     def _prompt(self, model: ServedModel, prompt_name: str | None) -> tuple[str | None, str]:
         name = prompt_name if prompt_name is not None else model.default_prompt_name
         if name is None:
@@ -157,37 +240,64 @@ class Engine:
         except InputTooLong as exc:
             raise PayloadTooLarge(str(exc)) from None
 
-    async def _compute(self, handle: ModelHandle, tokenized: list[TokenizedInput], options: list) -> list[ItemResult]:
+    async def _compute(
+        self, handle: ModelHandle, tokenized: list[TokenizedInput], options: list, lane: str, deadline: float
+    ) -> list[ItemResult]:
+        """Queue one item per input and wait for all of them, at most until ``deadline``.
+
+        Cancellation (the client went away) and timeouts cancel the item futures, which makes the
+        scheduler drop whatever has not started computing.
+        """
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
+        if deadline <= now:
+            raise DeadlineExceeded("the request's deadline passed before its inputs could be queued")
         items = [
-            WorkItem(tokens=t, options=o, future=loop.create_future(), loop=loop, enqueued_at=now)
+            WorkItem(tokens=t, options=o, future=loop.create_future(), loop=loop, enqueued_at=now,
+                     deadline=deadline, lane=lane)
             for t, o in zip(tokenized, options)
         ]
-        handle.scheduler.submit(items)
-        return list(await asyncio.gather(*(item.future for item in items)))
+        try:
+            handle.scheduler.submit(items)
+        except Overloaded:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise
+        gathered = asyncio.gather(*(item.future for item in items))
+        # When the wait below is cancelled or times out, nobody reads the gather's outcome.
+        gathered.add_done_callback(_consume_outcome)
+        try:
+            return list(await asyncio.wait_for(gathered, deadline - time.perf_counter()))
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(
+                "the request's deadline passed before all of its inputs were computed"
+            ) from None
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         started = time.perf_counter()
-        handle = self.resolve(request.model, "text_embedding")
-        model = handle.model
-        self._check_inputs(request.inputs)
-        if request.dimensions is not None and not 0 < request.dimensions <= model.dimensions:
-            raise ValidationError(
-                f"dimensions must be between 1 and {model.dimensions} for model {model.id!r}, got {request.dimensions}"
-            )
-        prompt_name, prompt = self._prompt(model, request.prompt_name)
-        texts = [prompt + text for text in request.inputs] if prompt else request.inputs
-        truncate = self.config.auto_truncate if request.truncate is None else request.truncate
+        with self.admission():
+            handle = self.resolve(request.model, "text_embedding")
+            model = handle.model
+            self._check_inputs(request.inputs)
+            deadline = self._deadline(request.timeout_s, started)
+            if request.dimensions is not None and not 0 < request.dimensions <= model.dimensions:
+                raise ValidationError(
+                    f"dimensions must be between 1 and {model.dimensions} for model {model.id!r}, "
+                    f"got {request.dimensions}"
+                )
+            self._check_priority(request.priority)
+            prompt_name, prompt = self._prompt(model, request.prompt_name)
+            texts = [prompt + text for text in request.inputs] if prompt else request.inputs
+            truncate = self.config.auto_truncate if request.truncate is None else request.truncate
 
-        tokenized = await self._tokenize(model, texts, truncate, request.truncate_left)
-        tokenized_at = time.perf_counter()
-        options = EmbedOptions(
-            normalize=request.normalize,
-            dimensions=request.dimensions,
-            skip_leading=model.prompt_skip_tokens(prompt_name),
-        )
-        results = await self._compute(handle, tokenized, [options] * len(tokenized))
+            tokenized = await self._tokenize(model, texts, truncate, request.truncate_left)
+            tokenized_at = time.perf_counter()
+            lane = self._lane(request.priority, tokenized)
+            options = EmbedOptions(
+                normalize=request.normalize,
+                dimensions=request.dimensions,
+                skip_leading=model.prompt_skip_tokens(prompt_name),
+            )
+            results = await self._compute(handle, tokenized, [options] * len(tokenized), lane, deadline)
 
         tokens = sum(len(t) for t in tokenized)
         timings = Timings(
@@ -197,7 +307,7 @@ class Engine:
             total_s=time.perf_counter() - started,
         )
         self.metrics.observe_inference(
-            model.id, len(results), tokens, timings.tokenization_s, timings.queue_s, timings.inference_s
+            model.id, lane, len(results), tokens, timings.tokenization_s, timings.queue_s, timings.inference_s
         )
         return EmbedResult(
             model=model.id,
@@ -205,6 +315,7 @@ class Engine:
             input_tokens=tokens,
             input_chars=sum(len(t) for t in texts),
             truncated=[t.truncated for t in tokenized],
+            lane=lane,
             timings=timings,
         )
 
@@ -249,13 +360,21 @@ class Engine:
         except NotReady as exc:
             return exc.message
         for handle in self.models.values():
-            if not handle.executor.alive:
-                return f"the executor of model {handle.id!r} has stopped"
-            if handle.executor.healthy:
+            if not all(e.alive for e in handle.executors):
+                return f"an executor of model {handle.id!r} has stopped"
+            if handle.healthy:
                 continue
             probe = handle.model.tokenizer.encode_batch(["health"], truncate=True)
+            deadline = time.perf_counter() + HEALTH_PROBE_TIMEOUT_S
             try:
-                await asyncio.wait_for(self._compute(handle, probe, [EmbedOptions()]), HEALTH_PROBE_TIMEOUT_S)
-            except (BackendError, asyncio.TimeoutError):
+                await self._compute(handle, probe, [EmbedOptions()], "search", deadline)
+            except (BackendError, DeadlineExceeded, Overloaded):
                 return f"model {handle.id!r} cannot compute a forward pass"
+            for executor in handle.executors:
+                executor.healthy = True
         return None
+
+
+def _consume_outcome(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -73,6 +73,14 @@ class NotReady(InferenceError):
     error_type = "Unhealthy"
 
 
+class DeadlineExceeded(InferenceError):
+    """The request's deadline passed before its inputs were computed (503: the server was too busy
+    to answer in time; clients such as Elasticsearch retry a 503)."""
+
+    status = 503
+    error_type = "DeadlineExceeded"
+
+
 class BackendError(InferenceError):
     """The model failed on valid input (a bug or a device fault), not the client's fault."""
 

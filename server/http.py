@@ -3,17 +3,19 @@ timing headers, per-route metrics, and turning engine errors into each dialect's
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .canonical import Timings
+from .canonical import EmbedResult
 from .engine import Engine
 from .errors import InferenceError, MalformedRequest, NotReady, PayloadTooLarge, Unauthorized, ValidationError
 
@@ -55,13 +57,60 @@ def decode_json(body: bytes, struct: type[T]) -> T:
         raise MalformedRequest(f"request body is not valid JSON: {exc}") from None
 
 
-def timing_headers(timings: Timings, tokens: int, chars: int) -> dict[str, str]:
-    """TEI's per-request headers, durations in milliseconds."""
+def scheduling_hints(request: Request) -> tuple[str | None, float | None]:
+    """(lane, timeout in seconds) from the ``X-Priority`` and ``X-Request-Timeout`` headers."""
+    priority = request.headers.get("x-priority")
+    timeout = request.headers.get("x-request-timeout")
+    timeout_s = None
+    if timeout is not None:
+        try:
+            timeout_s = float(timeout)
+        except ValueError:
+            raise ValidationError(f"X-Request-Timeout must be a number of seconds, got {timeout!r}") from None
+        if not (timeout_s > 0 and math.isfinite(timeout_s)):
+            raise ValidationError(f"X-Request-Timeout must be a positive number of seconds, got {timeout!r}")
+    return (priority.strip().lower() if priority else None), timeout_s
+
+
+async def until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``; if the client disconnects first, cancel it (queued inputs are then dropped).
+
+    Call after the body has been read: the only message the server sends afterwards is the
+    disconnect.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientDisconnected()
+    return task.result()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the answer was ready; there is nobody to answer."""
+
+
+def result_headers(result: EmbedResult) -> dict[str, str]:
+    """TEI's per-request headers (durations in milliseconds) plus the lane the request ran in."""
+    timings = result.timings
     compute_s = timings.tokenization_s + timings.queue_s + timings.inference_s
     return {
+        "x-lane": result.lane,
         "x-compute-time": f"{compute_s * 1e3:.3f}",
-        "x-compute-characters": str(chars),
-        "x-compute-tokens": str(tokens),
+        "x-compute-characters": str(result.input_chars),
+        "x-compute-tokens": str(result.input_tokens),
         "x-total-time": f"{timings.total_s * 1e3:.3f}",
         "x-tokenization-time": f"{timings.tokenization_s * 1e3:.3f}",
         "x-queue-time": f"{timings.queue_s * 1e3:.3f}",
@@ -95,6 +144,9 @@ def endpoint(
             response = await handler(request)
         except InferenceError as exc:
             response = error_response(exc, format_error)
+        except ClientDisconnected:
+            # 499 (nginx's "client closed request") only reaches metrics and logs.
+            response = Response(status_code=499)
         except Exception:
             log.exception("unexpected error on %s", route)
             response = error_response(InferenceError("internal server error"), format_error)

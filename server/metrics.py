@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 # 0.25 ms … ~60 s, ×2 per bucket
 DURATION_BUCKETS_S = tuple(0.00025 * 2**i for i in range(18))
@@ -31,7 +35,7 @@ class Metrics:
             buckets=DURATION_BUCKETS_S, registry=r,
         )
         self.queue_duration = Histogram(
-            "infercore_queue_duration_seconds", "Time a request's inputs waited for a batch", ["model"],
+            "infercore_queue_duration_seconds", "Time a request's inputs waited for a batch", ["model", "lane"],
             buckets=DURATION_BUCKETS_S, registry=r,
         )
         self.inference_duration = Histogram(
@@ -49,6 +53,23 @@ class Metrics:
             "infercore_batch_tokens", "Tokens per batch", ["model"], buckets=BATCH_TOKEN_BUCKETS, registry=r
         )
 
+        self.dropped = Counter(
+            "infercore_dropped_inputs", "Inputs dropped before computing, by reason (deadline, cancelled)",
+            ["model", "reason"], registry=r,
+        )
+        self.rejected = Counter(
+            "infercore_rejected_requests", "Requests refused at admission, by reason (queue_full, concurrency, "
+            "draining)", ["reason"], registry=r,
+        )
+        self.oom_splits = Counter(
+            "infercore_oom_batch_splits", "Batches split in halves after running out of device memory", ["model"],
+            registry=r,
+        )
+
+    def watch_queues(self, depths: Callable[[], Iterable[tuple[str, str, int, int]]]) -> None:
+        """Expose queue depth gauges read at scrape time from ``depths()`` → (model, lane, items, tokens)."""
+        self.registry.register(_QueueDepthCollector(depths))
+
     def observe_request(self, route: str, status: int, duration_s: float) -> None:
         self.requests.labels(route, str(status)).inc()
         self.request_duration.labels(route).observe(duration_s)
@@ -59,13 +80,28 @@ class Metrics:
         self.batch_duration.labels(model).observe(duration_s)
 
     def observe_inference(
-        self, model: str, inputs: int, tokens: int, tokenization_s: float, queue_s: float, inference_s: float
+        self, model: str, lane: str, inputs: int, tokens: int, tokenization_s: float, queue_s: float,
+        inference_s: float,
     ) -> None:
         self.inputs.labels(model).inc(inputs)
         self.input_tokens.labels(model).inc(tokens)
         self.tokenization_duration.labels(model).observe(tokenization_s)
-        self.queue_duration.labels(model).observe(queue_s)
+        self.queue_duration.labels(model, lane).observe(queue_s)
         self.inference_duration.labels(model).observe(inference_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _QueueDepthCollector(Collector):
+    def __init__(self, depths: Callable[[], Iterable[tuple[str, str, int, int]]]):
+        self._depths = depths
+
+    def collect(self):
+        items = GaugeMetricFamily("infercore_queue_items", "Inputs waiting for a batch", labels=["model", "lane"])
+        tokens = GaugeMetricFamily("infercore_queue_tokens", "Tokens waiting for a batch", labels=["model", "lane"])
+        for model, lane, n_items, n_tokens in self._depths():
+            items.add_metric([model, lane], n_items)
+            tokens.add_metric([model, lane], n_tokens)
+        yield items
+        yield tokens

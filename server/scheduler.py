@@ -1,21 +1,39 @@
-"""Per-model work queue that hands the executor batches bounded by a token budget.
+"""Per-model work queue: priority lanes, token-budget batches, deadlines, admission in tokens.
 
-Work items (one per input) are queued by the event loop and taken by the model's executor thread.
-A batch is filled in arrival order until the next item would push it past ``max_batch_tokens``
-(packed execution: the sum of real token counts) or ``max_batch_requests``; an item bigger than the
-whole budget still runs, alone. There is no artificial wait: an idle executor takes whatever is
-queued the moment it arrives.
+Work items (one per input) are queued by the event loop and taken by the model's executor threads.
+
+- Lanes: ``search`` before ``ingest`` before ``batch``. A batch is filled from the highest lane
+  first, then topped up from the lower ones, so search inputs never wait behind queued ingest work.
+- Budget: a batch grows in arrival order (within a lane) until the next item would push it past
+  ``max_batch_tokens`` (execution is padding-free, so the sum of real token counts) or
+  ``max_batch_requests``; an item bigger than the budget still runs, alone. No artificial wait: an
+  idle executor takes whatever is queued the moment it arrives.
+- Deadlines and cancellation: an item whose deadline passed, or whose request was cancelled (the
+  client went away), is dropped when a batch is formed and never reaches the model.
+- Admission: queued tokens per model are bounded by ``max_queued_tokens``; ``submit`` refuses work
+  beyond it with ``Overloaded``, whose ``retry_after_s`` is the queue's size over the measured
+  drain rate.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..models.tokenizer import TokenizedInput
+from .errors import DeadlineExceeded, Overloaded
+
+LANES = ("search", "ingest", "batch")
+# Retry-After bounds, in seconds
+_MIN_RETRY_AFTER_S = 1.0
+_MAX_RETRY_AFTER_S = 60.0
+# Weight of the newest batch in the drain-rate average
+_DRAIN_RATE_SMOOTHING = 0.2
 
 
 @dataclass(slots=True, eq=False)
@@ -27,6 +45,8 @@ class WorkItem:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     enqueued_at: float
+    deadline: float = float("inf")  # time.perf_counter() value
+    lane: str = "ingest"
     started_at: float = field(default=0.0)
 
     @property
@@ -34,67 +54,148 @@ class WorkItem:
         return len(self.tokens.ids)
 
     def abandoned(self) -> bool:
-        """True once nobody waits for the result (the request was cancelled)."""
+        """True once nobody waits for the result (the request was cancelled or already failed)."""
         return self.future.done()
 
 
 class TokenBudgetScheduler:
-    """Thread-safe FIFO: ``submit`` from the event loop, ``next_batch`` from the executor thread."""
+    """Thread-safe lanes: ``submit`` from the event loop, ``next_batch`` from executor threads."""
 
-    def __init__(self, max_batch_tokens: int, max_batch_requests: int | None = None):
+    def __init__(
+        self,
+        max_batch_tokens: int,
+        max_batch_requests: int | None = None,
+        max_queued_tokens: int | None = None,
+        on_drop: Callable[[str, int], None] | None = None,
+    ):
         if max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be positive")
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_requests = max_batch_requests or 1 << 30
-        self._queue: deque[WorkItem] = deque()
-        self._queued_tokens = 0
+        self.max_queued_tokens = max_queued_tokens or 1 << 62
+        self._lanes: dict[str, deque[WorkItem]] = {lane: deque() for lane in LANES}
+        self._lane_tokens = dict.fromkeys(LANES, 0)
         self._cond = threading.Condition()
         self._closed = False
+        self._drain_tokens_per_s: float | None = None
+        self._on_drop = on_drop or (lambda reason, n: None)
+
+    # ---- event loop side -----------------------------------------------------------------------
 
     def submit(self, items: list[WorkItem]) -> None:
+        """Queue all of ``items`` or none: Overloaded if they would exceed ``max_queued_tokens``."""
+        tokens = sum(item.num_tokens for item in items)
         with self._cond:
             if self._closed:
                 raise RuntimeError("scheduler is closed")
-            self._queue.extend(items)
-            self._queued_tokens += sum(item.num_tokens for item in items)
-            self._cond.notify()
+            queued = self.queued_tokens
+            if queued and queued + tokens > self.max_queued_tokens:
+                raise Overloaded(
+                    f"the queue of this model is full ({queued} tokens waiting, limit {self.max_queued_tokens}); "
+                    "retry later",
+                    retry_after_s=self._retry_after_s(queued),
+                )
+            for item in items:
+                self._lanes[item.lane].append(item)
+                self._lane_tokens[item.lane] += item.num_tokens
+            self._cond.notify_all()
 
-    @property
-    def queued_items(self) -> int:
-        return len(self._queue)
+    def _retry_after_s(self, queued_tokens: int) -> float:
+        rate = self._drain_tokens_per_s
+        if not rate:
+            return _MIN_RETRY_AFTER_S
+        return min(max(queued_tokens / rate, _MIN_RETRY_AFTER_S), _MAX_RETRY_AFTER_S)
+
+    # ---- state -------------------------------------------------------------------------------
 
     @property
     def queued_tokens(self) -> int:
-        return self._queued_tokens
+        return sum(self._lane_tokens.values())
 
-    def next_batch(self, timeout_s: float | None = None) -> list[WorkItem] | None:
-        """Block until work is queued; return the next batch, [] on timeout, None once closed and empty."""
+    @property
+    def queued_items(self) -> int:
+        return sum(len(q) for q in self._lanes.values())
+
+    def lane_depths(self) -> dict[str, tuple[int, int]]:
+        """lane → (queued items, queued tokens)"""
         with self._cond:
-            if not self._queue:
-                if self._closed:
+            return {lane: (len(self._lanes[lane]), self._lane_tokens[lane]) for lane in LANES}
+
+    @property
+    def drain_tokens_per_s(self) -> float | None:
+        return self._drain_tokens_per_s
+
+    def record_drain(self, tokens: int, seconds: float) -> None:
+        """Feed the measured throughput (one batch) into the Retry-After estimate."""
+        if seconds <= 0:
+            return
+        rate = tokens / seconds
+        previous = self._drain_tokens_per_s
+        self._drain_tokens_per_s = rate if previous is None else previous + _DRAIN_RATE_SMOOTHING * (rate - previous)
+
+    # ---- executor side -----------------------------------------------------------------------
+
+    def next_batch(self, lanes: Iterable[str] = LANES, timeout_s: float | None = None) -> list[WorkItem] | None:
+        """The next batch from ``lanes`` (in priority order).
+
+        Blocks until work is queued; returns [] on timeout and None once closed with nothing left.
+        """
+        lanes = tuple(lanes)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                batch = self._form_batch(lanes)
+                if batch:
+                    return batch
+                if self._closed and not any(self._lanes[lane] for lane in lanes):
                     return None
-                self._cond.wait(timeout_s)
-                if not self._queue:
-                    return None if self._closed else []
-            batch: list[WorkItem] = []
-            tokens = 0
-            while self._queue:
-                item = self._queue[0]
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return []
+                self._cond.wait(remaining)
+
+    def _form_batch(self, lanes: tuple[str, ...]) -> list[WorkItem]:
+        batch: list[WorkItem] = []
+        tokens = 0
+        now = time.perf_counter()
+        for lane in lanes:
+            queue = self._lanes[lane]
+            while queue:
+                item = queue[0]
                 n = item.num_tokens
                 if item.abandoned():
-                    self._queue.popleft()
-                    self._queued_tokens -= n
+                    self._pop(lane)
+                    self._on_drop("cancelled", 1)
+                    continue
+                if item.deadline <= now:
+                    self._pop(lane)
+                    self._on_drop("deadline", 1)
+                    _fail_soon(item, DeadlineExceeded("the request's deadline passed while it waited in the queue"))
                     continue
                 if batch and (tokens + n > self.max_batch_tokens or len(batch) >= self.max_batch_requests):
-                    break
-                self._queue.popleft()
-                self._queued_tokens -= n
+                    return batch
+                self._pop(lane)
                 batch.append(item)
                 tokens += n
-            return batch
+        return batch
+
+    def _pop(self, lane: str) -> None:
+        item = self._lanes[lane].popleft()
+        self._lane_tokens[lane] -= item.num_tokens
 
     def close(self) -> None:
         """Stop accepting work; ``next_batch`` drains what is queued, then returns None."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+
+def _fail_soon(item: WorkItem, error: Exception) -> None:
+    def fail() -> None:
+        if not item.future.done():
+            item.future.set_exception(error)
+
+    try:
+        item.loop.call_soon_threadsafe(fail)
+    except RuntimeError:  # the loop has closed: nobody waits
+        pass

@@ -246,14 +246,18 @@ def embed_one_at_a_time(engine: Engine, requests: list[EmbedRequest]) -> list[np
 
 
 def test_concurrent_requests_get_the_same_vectors_as_one_at_a_time(minilm_engine):
-    requests = [EmbedRequest([t]) for t in TEXTS]
-    requests += [EmbedRequest(TEXTS[i:i + 3]) for i in range(0, len(TEXTS), 3)]
-    requests += [EmbedRequest(TEXTS[:4], dimensions=64), EmbedRequest(TEXTS[4:], normalize=False)]
+    # All in the ingest lane, so only the main executor computes them and they pile up behind it.
+    requests = [EmbedRequest([t], priority="ingest") for t in TEXTS]
+    requests += [EmbedRequest(TEXTS[i:i + 3], priority="ingest") for i in range(0, len(TEXTS), 3)]
+    requests += [
+        EmbedRequest(TEXTS[:4], dimensions=64, priority="ingest"),
+        EmbedRequest(TEXTS[4:], normalize=False, priority="ingest"),
+    ]
     alone = embed_one_at_a_time(minilm_engine, requests)
 
     async def all_at_once():
         with GatedRunner(minilm_engine, "minilm") as gate:
-            first = asyncio.ensure_future(minilm_engine.embed(EmbedRequest(["hold the executor"])))
+            first = asyncio.ensure_future(minilm_engine.embed(EmbedRequest(["hold the executor"], priority="ingest")))
             await wait_until(gate.entered.is_set)
             rest = [asyncio.ensure_future(minilm_engine.embed(r)) for r in requests]
             total = sum(len(r.inputs) for r in requests)
@@ -317,7 +321,7 @@ def test_a_request_cancelled_by_a_closed_event_loop_does_not_stop_the_executor(t
     asyncio.run(start_and_abandon())
     result = asyncio.run(tiny_engine.embed(EmbedRequest(["still served"])))
     assert len(result.vectors) == 1
-    assert tiny_engine.models["tiny"].executor.alive
+    assert all(e.alive for e in tiny_engine.models["tiny"].executors)
     assert asyncio.run(tiny_engine.check_health()) is None
 
 

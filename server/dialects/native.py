@@ -17,7 +17,7 @@ from ... import __version__
 from ..canonical import DecodeRequest, EmbedRequest, TokenizeRequest
 from ..engine import Engine, ModelHandle
 from ..errors import InferenceError, NotReady, ValidationError
-from ..http import decode_json, endpoint, json_response, read_body, timing_headers
+from ..http import decode_json, endpoint, json_response, read_body, result_headers, scheduling_hints, until_disconnect
 
 TruncationDirection = Literal["right", "left", "Right", "Left"]
 
@@ -30,6 +30,7 @@ class EmbedBody(msgspec.Struct):
     prompt_name: str | None = None
     dimensions: int | None = None
     model: str | None = None
+    priority: str | None = None
 
 
 class TokenizeBody(msgspec.Struct):
@@ -58,7 +59,8 @@ def routes(engine: Engine) -> list[Route]:
 
     async def embed(request: Request) -> Response:
         body = decode_json(await read_body(request, limit), EmbedBody)
-        result = await engine.embed(
+        header_priority, timeout_s = scheduling_hints(request)
+        work = engine.embed(
             EmbedRequest(
                 inputs=as_list(body.inputs),
                 model=body.model,
@@ -67,10 +69,13 @@ def routes(engine: Engine) -> list[Route]:
                 truncate_left=body.truncation_direction.lower() == "left",
                 prompt_name=body.prompt_name,
                 dimensions=body.dimensions,
+                priority=body.priority or header_priority,
+                timeout_s=timeout_s,
             )
         )
+        result = await until_disconnect(request, work)
         vectors = [v.tolist() for v in result.vectors]
-        return json_response(vectors, headers=timing_headers(result.timings, result.input_tokens, result.input_chars))
+        return json_response(vectors, headers=result_headers(result))
 
     async def tokenize(request: Request) -> Response:
         body = decode_json(await read_body(request, limit), TokenizeBody)

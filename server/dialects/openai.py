@@ -19,7 +19,7 @@ from starlette.routing import Route
 from ..canonical import EmbedRequest
 from ..engine import Engine
 from ..errors import InferenceError, ModelNotFound, Overloaded, PayloadTooLarge, Unauthorized
-from ..http import decode_json, endpoint, json_response, read_body, timing_headers
+from ..http import decode_json, endpoint, json_response, read_body, result_headers, scheduling_hints, until_disconnect
 
 
 class EmbeddingsBody(msgspec.Struct):
@@ -58,13 +58,17 @@ def routes(engine: Engine) -> list[Route]:
 
     async def embeddings(request: Request) -> Response:
         body = decode_json(await read_body(request, limit), EmbeddingsBody)
-        result = await engine.embed(
+        priority, timeout_s = scheduling_hints(request)
+        work = engine.embed(
             EmbedRequest(
                 inputs=[body.input] if isinstance(body.input, str) else body.input,
                 model=body.model,
                 dimensions=body.dimensions,
+                priority=priority,
+                timeout_s=timeout_s,
             )
         )
+        result = await until_disconnect(request, work)
         data = [
             {"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
             for i, v in enumerate(result.vectors)
@@ -76,7 +80,7 @@ def routes(engine: Engine) -> list[Route]:
                 "model": result.model,
                 "usage": {"prompt_tokens": result.input_tokens, "total_tokens": result.input_tokens},
             },
-            headers=timing_headers(result.timings, result.input_tokens, result.input_chars),
+            headers=result_headers(result),
         )
 
     handler = endpoint(engine, "/v1/embeddings", format_error, embeddings)
