@@ -117,8 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(_env("tokenization-workers", defaults.tokenization_workers)),
     )
     serve.add_argument(
-        "--cpu-threads", type=_positive_int, default=_env("cpu-threads", None),
-        help="threads for CPU inference (default: one per core)",
+        "--cpu-workers", type=_positive_int, default=_env("cpu-workers", None),
+        help="parallel executors per CPU model (default: one per core)",
+    )
+    serve.add_argument(
+        "--cpu-threads", type=_positive_int, default=int(_env("cpu-threads", defaults.cpu_threads)),
+        help="intra-op threads of each CPU executor",
     )
     serve.add_argument(
         "--log-level", default=_env("log-level", "info"), choices=["debug", "info", "warning", "error"],
@@ -161,7 +165,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         auto_truncate=args.auto_truncate,
         payload_limit_bytes=args.payload_limit,
         tokenization_workers=args.tokenization_workers,
-        cpu_threads=int(args.cpu_threads) if args.cpu_threads else None,
+        cpu_workers=int(args.cpu_workers) if args.cpu_workers else None,
+        cpu_threads=args.cpu_threads,
         log_level=args.log_level,
     )
 

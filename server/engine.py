@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-
-import torch
 
 from ..models.checkpoint import CheckpointError
 from ..models.embedding import EmbedOptions
@@ -76,8 +75,6 @@ class Engine:
 
     def load(self) -> None:
         """Load, warm up and start every configured model (blocking). Sets state to ready or failed."""
-        if self.config.cpu_threads:
-            torch.set_num_threads(self.config.cpu_threads)
         try:
             for source in resolve_sources(self.config.models, self.config.models_dir):
                 self._load_one(source.id, source.path)
@@ -99,18 +96,24 @@ class Engine:
             self.config.queued_token_limit(budget),
             on_drop=lambda reason, n: self.metrics.dropped.labels(model_id, reason).inc(n),
         )
+        device_type = model.device.type
         executors = [
-            ModelExecutor(model, scheduler, self.metrics, LANES, "main"),
-            # CUDA stream priorities: lower is higher priority.
-            ModelExecutor(model, scheduler, self.metrics, ("search",), "search", stream_priority=-1),
+            ModelExecutor(model, scheduler, self.metrics, LANES, f"main{i}", threads=self.config.cpu_threads)
+            for i in range(self.config.main_executors(device_type))
         ]
+        # The search executor gets every core: it runs alone when the server is idle, and a short
+        # query next to busy main executors costs little. CUDA stream priorities: lower is higher.
+        executors.append(
+            ModelExecutor(model, scheduler, self.metrics, ("search",), "search", stream_priority=-1,
+                          threads=os.cpu_count() or 1)
+        )
         for executor in executors:
             executor.start()
         self.models[model.id] = ModelHandle(model, scheduler, executors)
         log.info(
-            "loaded model %s (%s, %s, %s on %s, max %d tokens per input, %d per batch) in %.1fs",
+            "loaded model %s (%s, %s, %s on %s, max %d tokens per input, %d per batch, %d executors) in %.1fs",
             model.id, model.task, model.family, str(model.dtype).removeprefix("torch."),
-            model.device, model.max_input_tokens, budget, time.perf_counter() - started,
+            model.device, model.max_input_tokens, budget, len(executors), time.perf_counter() - started,
         )
 
     def begin_drain(self) -> None:

@@ -53,6 +53,7 @@ class ModelExecutor:
         lanes: Iterable[str] = LANES,
         name: str = "main",
         stream_priority: int = 0,
+        threads: int | None = None,
     ):
         self.model = model
         self.scheduler = scheduler
@@ -61,6 +62,7 @@ class ModelExecutor:
         self.name = name
         self.healthy = True
         self._stream_priority = stream_priority
+        self._threads = threads
         self._thread = threading.Thread(target=self._loop, name=f"executor-{model.id}-{name}", daemon=True)
 
     def start(self) -> None:
@@ -80,6 +82,9 @@ class ModelExecutor:
         return torch.cuda.stream(stream)
 
     def _loop(self) -> None:
+        if self._threads and self.model.device.type == "cpu":
+            # OpenMP and MKL thread counts are per calling thread: this sets this executor's only.
+            torch.set_num_threads(self._threads)
         with self._stream():
             while True:
                 batch = self.scheduler.next_batch(self.lanes)

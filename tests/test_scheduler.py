@@ -216,6 +216,8 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> 
 
 
 def make_engine(model_id: str, path, **config) -> Engine:
+    # One main executor, so work held at the gate piles up in the queue instead of being taken by a twin.
+    config.setdefault("cpu_workers", 1)
     engine = Engine(ServerConfig(models=[ModelSource(model_id, path)], tokenization_workers=1, **config))
     engine.load()
     assert engine.state == "ready"
