@@ -1,8 +1,9 @@
 """Executor threads: take batches from a model's scheduler, run the model, resolve futures.
 
-Each model has two: the main executor serves every lane in priority order, and a priority executor
-serves only the search lane, so a search input never waits for an ingest batch that is already
-computing (the two run concurrently; on CUDA the priority executor uses a high-priority stream).
+Each model has main executors (one on CUDA; one single-threaded executor per core on CPU) serving
+every lane in priority order, and a search executor serving only the search lane, so a search input
+never waits for an ingest batch that is already computing (they run concurrently; on CUDA the
+search executor uses a high-priority stream).
 
 Executors are the only code that touches the model's tensors. A batch that runs out of device
 memory is split in halves and retried; only an input that does not fit on its own fails, with a

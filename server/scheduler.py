@@ -163,14 +163,16 @@ class TokenBudgetScheduler:
             while queue:
                 item = queue[0]
                 n = item.num_tokens
-                if item.abandoned():
-                    self._pop(lane)
-                    self._on_drop("cancelled", 1)
-                    continue
+                # Deadline first: a request that timed out has cancelled its futures too, and must
+                # still be counted as a deadline drop, not as a client that went away.
                 if item.deadline <= now:
                     self._pop(lane)
                     self._on_drop("deadline", 1)
                     _fail_soon(item, DeadlineExceeded("the request's deadline passed while it waited in the queue"))
+                    continue
+                if item.abandoned():
+                    self._pop(lane)
+                    self._on_drop("cancelled", 1)
                     continue
                 if batch and (tokens + n > self.max_batch_tokens or len(batch) >= self.max_batch_requests):
                     return batch

@@ -69,7 +69,7 @@ def routes(engine: Engine) -> list[Route]:
                 truncate_left=body.truncation_direction.lower() == "left",
                 prompt_name=body.prompt_name,
                 dimensions=body.dimensions,
-                priority=body.priority or header_priority,
+                priority=body.priority.strip().lower() if body.priority is not None else header_priority,
                 timeout_s=timeout_s,
             )
         )
