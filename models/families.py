@@ -1,18 +1,22 @@
 """The model families infercore can run, keyed by the ``model_type`` of a checkpoint's config.json.
 
 Adding a family is one module with an encoder class (``from_checkpoint(config, reader)`` returning
-a module whose ``forward(PackedBatch)`` gives [total_tokens, hidden]) plus one line here.
+a module whose ``forward(PackedBatch)`` gives [total_tokens, hidden]), optional head loaders, plus
+one line here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .bert import BertEncoder
+from .bert import BertEncoder, load_bert_mlm_head
 from .checkpoint import CheckpointError
+from .layers import WeightReader
+from .sparse import MlmHead
 
 
 @dataclass(frozen=True)
@@ -22,10 +26,12 @@ class Family:
     encoder: type
     # dtype for dtype="auto" on CUDA; CPU always runs float32
     cuda_dtype: torch.dtype = torch.float16
+    # (encoder, reader) → the masked-LM head, for sparse embedding; None: no sparse models
+    mlm_head: Callable[[Any, WeightReader], MlmHead] | None = None
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("bert", ("bert",), BertEncoder),
+    Family("bert", ("bert",), BertEncoder, mlm_head=load_bert_mlm_head),
 )
 
 

@@ -15,16 +15,17 @@ import torch
 
 from .catalog import CatalogEntry, lookup
 from .checkpoint import CheckpointError, open_weights
-from .embedding import DenseLayer, EmbeddingModel, EmbedOptions
+from .embedding import DenseLayer, EmbeddingModel
 from .families import Family, family_for_config
 from .layers import WeightReader
 from .model_dir import ModelDirSpec, read_model_dir
 from .packing import pack_sequences
+from .sparse import SparseEmbeddingModel
 from .tokenizer import TextTokenizer
 
 log = logging.getLogger("infercore.models")
 
-# Checkpoint entries that dense embedding never uses and whose presence is normal.
+# Checkpoint entries that a task's head may not use and whose presence is normal.
 _IGNORED_PREFIXES = ("pooler.", "cls.", "classifier.", "lm_head.")
 _IGNORED_SUFFIXES = ("position_ids",)  # a buffer old transformers versions saved
 # tokenizer_config.json uses a huge sentinel for "no limit"
@@ -33,14 +34,15 @@ _TOKENIZER_NO_LIMIT = 1_000_000
 
 @dataclass
 class ServedModel:
-    """Everything the server needs to run one model; the runner is used by one executor thread."""
+    """Everything the server needs to run one model. The runner writes no state while it runs, so
+    the model's executor threads share it."""
 
     id: str
     task: str
     family: str
     path: Path
     tokenizer: TextTokenizer
-    runner: EmbeddingModel
+    runner: EmbeddingModel | SparseEmbeddingModel
     max_input_tokens: int
     dimensions: int
     device: torch.device
@@ -67,7 +69,7 @@ class ServedModel:
         ids = [self.tokenizer.encode_batch(["warm up"], truncate=True)[0].ids]
         ids.append([ids[0][0]] * self.max_input_tokens)
         batch = pack_sequences(ids, device=self.device)
-        self.runner.run(batch, [EmbedOptions(), EmbedOptions()])
+        self.runner.run(batch, [self.runner.default_options()] * 2)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -95,18 +97,41 @@ def infer_task(spec: ModelDirSpec, entry: CatalogEntry | None) -> str:
         return entry.task
     if any(m in ("SpladePooling", "MLMTransformer") for m in spec.st_modules):
         return "sparse_embedding"
+    # A masked-LM checkpoint without a sentence-transformers pooling config is served the way
+    # SPLADE models (and ELSER converted by `infercore models import`) are used.
+    if "Pooling" not in spec.st_modules and any(a.endswith("ForMaskedLM") for a in spec.architectures):
+        return "sparse_embedding"
     if any(a.endswith("ForSequenceClassification") for a in spec.architectures):
         return "rerank"
     return "text_embedding"
 
 
 # Tasks this build has heads for.
-SERVED_TASKS = ("text_embedding",)
+SERVED_TASKS = ("text_embedding", "sparse_embedding")
 
 
 def require_served_task(task: str, path: Path) -> None:
     if task not in SERVED_TASKS:
         raise CheckpointError(f"{path}: task {task!r} is not served by this build (served: {', '.join(SERVED_TASKS)})")
+
+
+def build_runner(
+    task: str,
+    spec: ModelDirSpec,
+    entry: CatalogEntry | None,
+    family: Family,
+    encoder: torch.nn.Module,
+    reader: WeightReader,
+    device: torch.device,
+) -> EmbeddingModel | SparseEmbeddingModel:
+    """The task's head on top of the encoder."""
+    if task == "sparse_embedding":
+        if family.mlm_head is None:
+            raise CheckpointError(f"{spec.path}: the {family.name} family has no masked-LM head for sparse embedding")
+        return SparseEmbeddingModel(encoder, family.mlm_head(encoder, reader))
+    pooling = spec.pooling or (entry.pooling if entry else None) or "mean"
+    dense = [DenseLayer(d, device) for d in spec.dense]
+    return EmbeddingModel(encoder, pooling, dense)
 
 
 def max_input_tokens(spec: ModelDirSpec, entry: CatalogEntry | None, position_limit: int) -> int:
@@ -138,6 +163,7 @@ def load_model(
 
     reader = WeightReader(open_weights(spec.path), torch_device, torch_dtype)
     encoder = family.encoder.from_checkpoint(spec.config, reader)
+    runner = build_runner(task, spec, entry, family, encoder, reader, torch_device)
     unused = [
         k for k in reader.unused()
         if not k.removeprefix(encoder.weight_prefix).startswith(_IGNORED_PREFIXES) and not k.endswith(_IGNORED_SUFFIXES)
@@ -145,9 +171,6 @@ def load_model(
     if unused:
         log.warning("model %s: %d checkpoint weights unused (e.g. %s)", model_id, len(unused), ", ".join(unused[:3]))
 
-    pooling = spec.pooling or (entry.pooling if entry else None) or "mean"
-    dense = [DenseLayer(d, torch_device) for d in spec.dense]
-    runner = EmbeddingModel(encoder, pooling, dense)
 
     limit = max_input_tokens(spec, entry, encoder.max_positions)
     if max_input_tokens_cap:

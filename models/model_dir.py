@@ -96,6 +96,18 @@ def _read_json_if_present(path: Path) -> Any:
     return _read_json(path) if path.is_file() else None
 
 
+def _check_splade_pooling(path: Path) -> None:
+    """The sparse head computes max over tokens of log(1 + relu(logit)); refuse other variants."""
+    cfg = _read_json_if_present(path / "config.json") or {}
+    strategy = cfg.get("pooling_strategy", "max")
+    act = cfg.get("activation_function", "relu")
+    if strategy != "max" or act != "relu":
+        raise CheckpointError(
+            f"{path}: SpladePooling with pooling_strategy {strategy!r} and activation_function {act!r} is not "
+            "supported (only 'max' with 'relu')"
+        )
+
+
 def _module_kind(type_name: str) -> str:
     """'sentence_transformers.models.Pooling' (or the 5.x/6.x module paths) → 'Pooling'."""
     return type_name.rsplit(".", 1)[-1]
@@ -179,7 +191,10 @@ def read_model_dir(path: str | Path) -> ModelDirSpec:
             kind = _module_kind(module.get("type", ""))
             module_path = path / module.get("path", "")
             st_modules.append(kind)
-            if kind == "Transformer":
+            if kind in ("Transformer", "MLMTransformer"):
+                continue
+            if kind == "SpladePooling":
+                _check_splade_pooling(module_path)
                 continue
             if kind == "Normalize":
                 # Normalising the pooled vector is a request option (default on), as in TEI; a
@@ -195,7 +210,8 @@ def read_model_dir(path: str | Path) -> ModelDirSpec:
             else:
                 raise CheckpointError(
                     f"{path}/modules.json uses the sentence-transformers module {kind!r}, which infercore "
-                    "does not run (supported: Transformer, Pooling, Dense, Normalize)"
+                    "does not run (supported: Transformer, Pooling, Dense, Normalize, MLMTransformer, "
+                    "SpladePooling)"
                 )
 
     st_config = _read_json_if_present(path / "sentence_bert_config.json") or {}

@@ -51,7 +51,7 @@ def starter_sources() -> list[ModelSource]:
     for entry in starter_entries():
         path = entry.starter_path()
         if path is None:
-            missing.append(f"{entry.id} (pip package {entry.starter_package[0].replace('_', '-')})")
+            missing.append(f"{entry.id}: {entry.starter_install}")
         else:
             sources.append(ModelSource(entry.id, path))
     if not sources:

@@ -8,6 +8,7 @@ tokens, cut to ``max_input_tokens - specials`` when allowed, then the model's po
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,15 @@ class TextTokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @functools.cached_property
+    def vocabulary(self) -> list[str]:
+        """Token strings by id ("" for an id the vocabulary skips)."""
+        table = [""] * self.vocab_size
+        for token, token_id in self._tok.get_vocab(with_added_tokens=True).items():
+            if 0 <= token_id < len(table):
+                table[token_id] = token
+        return table
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .dialects import native, openai
+from .dialects import elasticsearch, native, openai
 from .engine import Engine
 from .errors import InferenceError, MalformedRequest, MethodNotAllowed, RouteNotFound
 from .http import json_response
@@ -34,9 +34,14 @@ def create_app(engine: Engine, on_load_failure: Callable[[], None] | None = None
         yield
         engine.shutdown()
 
-    dialect_routes = [(native.format_error, native.routes(engine)), (openai.format_error, openai.routes(engine))]
+    dialect_routes = [
+        (native.format_error, native.routes(engine)),
+        (openai.format_error, openai.routes(engine)),
+        (elasticsearch.format_error, elasticsearch.routes(engine)),
+    ]
     # 404/405 answers come in the error shape of the dialect that owns the path.
     formatter_by_path = {route.path: fmt for fmt, routes in dialect_routes for route in routes}
+    formatter_by_prefix = {"/_inference/": elasticsearch.format_error}
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         path = request.url.path
@@ -46,7 +51,9 @@ def create_app(engine: Engine, on_load_failure: Callable[[], None] | None = None
             error = MethodNotAllowed(f"method {request.method} is not allowed on {path}")
         else:
             error = MalformedRequest(str(exc.detail))
-        format_error = formatter_by_path.get(path, native.format_error)
+        format_error = formatter_by_path.get(path) or next(
+            (fmt for prefix, fmt in formatter_by_prefix.items() if path.startswith(prefix)), native.format_error
+        )
         engine.metrics.observe_request("unmatched" if exc.status_code == 404 else path, exc.status_code, 0.0)
         return json_response(format_error(error), exc.status_code, exc.headers)
 

@@ -7,8 +7,7 @@ these objects, and the engine has no idea which wire format a request came in on
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -26,6 +25,21 @@ class EmbedRequest:
     timeout_s: float | None = None
 
 
+@dataclass(frozen=True)
+class SparseEmbedRequest:
+    """Learned sparse expansion. Terms with weight <= ``min_weight`` are dropped, then the
+    ``top_k`` heaviest kept (None: every positive term)."""
+
+    inputs: list[str]
+    model: str | None = None
+    truncate: bool | None = None
+    truncate_left: bool = False
+    top_k: int | None = None
+    min_weight: float = 0.0
+    priority: str | None = None
+    timeout_s: float | None = None
+
+
 @dataclass
 class Timings:
     """Seconds spent per stage for one request (the slowest input counts for queue/inference)."""
@@ -38,8 +52,10 @@ class Timings:
 
 @dataclass
 class EmbedResult:
+    """Dense vectors (float32 arrays), or for sparse requests ``SparseVector``s (ids, weights)."""
+
     model: str
-    vectors: list[np.ndarray]
+    vectors: list[Any]
     input_tokens: int
     input_chars: int
     truncated: list[bool]

@@ -12,8 +12,10 @@ from ..models.repository import ModelSource
 # already at the cores' peak) and cost page faults for >32 MiB activations: 4096 measured ~1.2x
 # faster than 16384 on the 2-core machine (benchmarks/bench_engine_cpu.py --max-batch-tokens).
 DEFAULT_MAX_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
-# Default admission bound: this many full batches may wait per model.
-QUEUED_BATCHES_DEFAULT = 32
+# Default admission bound: this many full batches may wait per model. On CPU 8 batches are about
+# 5 s of work for MiniLM on 2 cores; a deeper queue only makes admitted requests wait longer under
+# overload (benchmarks/bench_load.py: p50 24 s with 32) instead of telling clients to come back.
+QUEUED_BATCHES_DEFAULT = {"cpu": 8, "cuda": 32}
 
 
 @dataclass
@@ -63,5 +65,5 @@ class ServerConfig:
             return 1
         return self.cpu_workers or os.cpu_count() or 1
 
-    def queued_token_limit(self, batch_token_budget: int) -> int:
-        return self.max_queued_tokens or QUEUED_BATCHES_DEFAULT * batch_token_budget
+    def queued_token_limit(self, device_type: str, batch_token_budget: int) -> int:
+        return self.max_queued_tokens or QUEUED_BATCHES_DEFAULT[device_type] * batch_token_budget

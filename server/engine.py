@@ -16,13 +16,15 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from ..models.checkpoint import CheckpointError
 from ..models.embedding import EmbedOptions
 from ..models.loader import ServedModel, load_model
 from ..models.repository import resolve_sources
+from ..models.sparse import SparseOptions
 from ..models.tokenizer import InputTooLong, Token, TokenizedInput
-from .canonical import DecodeRequest, EmbedRequest, EmbedResult, Timings, TokenizeRequest
+from .canonical import DecodeRequest, EmbedRequest, EmbedResult, SparseEmbedRequest, Timings, TokenizeRequest
 from .config import ServerConfig
 from .errors import (
     BackendError,
@@ -93,8 +95,9 @@ class Engine:
         scheduler = TokenBudgetScheduler(
             budget,
             self.config.max_batch_requests,
-            self.config.queued_token_limit(budget),
+            self.config.queued_token_limit(model.device.type, budget),
             on_drop=lambda reason, n: self.metrics.dropped.labels(model_id, reason).inc(n),
+            spread=model.device.type == "cpu",
         )
         device_type = model.device.type
         executors = [
@@ -281,26 +284,49 @@ class Engine:
             handle = self.resolve(request.model, "text_embedding")
             model = handle.model
             self._check_inputs(request.inputs)
-            deadline = self._deadline(request.timeout_s, started)
             if request.dimensions is not None and not 0 < request.dimensions <= model.dimensions:
                 raise ValidationError(
                     f"dimensions must be between 1 and {model.dimensions} for model {model.id!r}, "
                     f"got {request.dimensions}"
                 )
-            self._check_priority(request.priority)
             prompt_name, prompt = self._prompt(model, request.prompt_name)
             texts = [prompt + text for text in request.inputs] if prompt else request.inputs
-            truncate = self.config.auto_truncate if request.truncate is None else request.truncate
-
-            tokenized = await self._tokenize(model, texts, truncate, request.truncate_left)
-            tokenized_at = time.perf_counter()
-            lane = self._lane(request.priority, tokenized)
             options = EmbedOptions(
                 normalize=request.normalize,
                 dimensions=request.dimensions,
                 skip_leading=model.prompt_skip_tokens(prompt_name),
             )
-            results = await self._compute(handle, tokenized, [options] * len(tokenized), lane, deadline)
+            return await self._run(handle, texts, options, request.truncate, request.truncate_left,
+                                   request.priority, request.timeout_s, started)
+
+    async def embed_sparse(self, request: SparseEmbedRequest) -> EmbedResult:
+        """Term ids and weights per input, heaviest first (``SparseVector``s in ``vectors``)."""
+        started = time.perf_counter()
+        with self.admission():
+            handle = self.resolve(request.model, "sparse_embedding")
+            self._check_inputs(request.inputs)
+            if request.top_k is not None and request.top_k < 1:
+                raise ValidationError(f"top_k must be a positive number of terms, got {request.top_k}")
+            if not request.min_weight >= 0:  # also refuses NaN
+                raise ValidationError(f"min_weight must be a non-negative number, got {request.min_weight}")
+            options = SparseOptions(top_k=request.top_k, min_weight=request.min_weight)
+            return await self._run(handle, request.inputs, options, request.truncate, request.truncate_left,
+                                   request.priority, request.timeout_s, started)
+
+    async def _run(
+        self, handle: ModelHandle, texts: list[str], options: Any, truncate: bool | None, truncate_left: bool,
+        priority: str | None, timeout_s: float | None, started: float,
+    ) -> EmbedResult:
+        """The pipeline every task shares: tokenize off the loop, pick the lane, queue, wait, account.
+        Runs inside ``admission()``; ``options`` is the runner's per-input options for every input."""
+        model = handle.model
+        deadline = self._deadline(timeout_s, started)
+        self._check_priority(priority)
+        truncate = self.config.auto_truncate if truncate is None else truncate
+        tokenized = await self._tokenize(model, texts, truncate, truncate_left)
+        tokenized_at = time.perf_counter()
+        lane = self._lane(priority, tokenized)
+        results = await self._compute(handle, tokenized, [options] * len(tokenized), lane, deadline)
 
         tokens = sum(len(t) for t in tokenized)
         timings = Timings(
@@ -370,7 +396,7 @@ class Engine:
             probe = handle.model.tokenizer.encode_batch(["health"], truncate=True)
             deadline = time.perf_counter() + HEALTH_PROBE_TIMEOUT_S
             try:
-                await self._compute(handle, probe, [EmbedOptions()], "search", deadline)
+                await self._compute(handle, probe, [handle.model.runner.default_options()], "search", deadline)
             except (BackendError, DeadlineExceeded, Overloaded):
                 return f"model {handle.id!r} cannot compute a forward pass"
             for executor in handle.executors:

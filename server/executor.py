@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -83,9 +84,12 @@ class ModelExecutor:
         return torch.cuda.stream(stream)
 
     def _loop(self) -> None:
-        if self._threads and self.model.device.type == "cpu":
-            # OpenMP and MKL thread counts are per calling thread: this sets this executor's only.
-            torch.set_num_threads(self._threads)
+        if self.model.device.type == "cpu":
+            if self._threads:
+                # OpenMP and MKL thread counts are per calling thread: this sets this executor's only.
+                torch.set_num_threads(self._threads)
+            if self.lanes != ("search",):
+                lower_thread_priority()
         with self._stream():
             while True:
                 batch = self.scheduler.next_batch(self.lanes)
@@ -101,7 +105,8 @@ class ModelExecutor:
         outcomes = self._compute(items)
         elapsed = time.perf_counter() - started
         tokens = sum(item.num_tokens for item in items)
-        self.scheduler.record_drain(tokens, elapsed)
+        if self.lanes != ("search",):  # the search executor never drains the bulk of the queue
+            self.scheduler.record_drain(tokens, elapsed, self.name)
         self.metrics.observe_batch(self.model.id, len(items), tokens, elapsed)
 
         by_loop: dict[int, list[tuple[WorkItem, Any]]] = {}
@@ -151,6 +156,18 @@ class ModelExecutor:
         self.metrics.oom_splits.labels(self.model.id).inc()
         middle = len(items) // 2
         return self._compute(items[:middle]) + self._compute(items[middle:])
+
+
+# CPU: main executors run at this niceness above the rest of the process, so a search batch, the
+# event loop and tokenization take a core from bulk work when they need one (Linux nice is per thread).
+BULK_NICENESS = 10
+
+
+def lower_thread_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BULK_NICENESS)
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed: priorities stay as they are
+        log.debug("could not lower the priority of %s: %s", threading.current_thread().name, exc)
 
 
 def _resolve(group: list[tuple[WorkItem, Any]], inference_s: float) -> None:

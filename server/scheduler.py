@@ -7,7 +7,9 @@ Work items (one per input) are queued by the event loop and taken by the model's
 - Budget: a batch grows in arrival order (within a lane) until the next item would push it past
   ``max_batch_tokens`` (execution is padding-free, so the sum of real token counts) or
   ``max_batch_requests``; an item bigger than the budget still runs, alone. No artificial wait: an
-  idle executor takes whatever is queued the moment it arrives.
+  idle executor takes whatever is queued the moment it arrives. With ``spread`` (CPU, one executor
+  per core) the queued tokens are shared evenly among the idle executors of the same lanes, so one
+  request of 16 passages runs on every core rather than on one.
 - Deadlines and cancellation: an item whose deadline passed, or whose request was cancelled (the
   client went away), is dropped when a batch is formed and never reaches the model.
 - Admission: queued tokens per model are bounded by ``max_queued_tokens``; ``submit`` refuses work
@@ -67,6 +69,7 @@ class TokenBudgetScheduler:
         max_batch_requests: int | None = None,
         max_queued_tokens: int | None = None,
         on_drop: Callable[[str, int], None] | None = None,
+        spread: bool = False,
     ):
         if max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be positive")
@@ -77,8 +80,12 @@ class TokenBudgetScheduler:
         self._lane_tokens = dict.fromkeys(LANES, 0)
         self._cond = threading.Condition()
         self._closed = False
-        self._drain_tokens_per_s: float | None = None
+        self._drain_rates: dict[str, float] = {}  # executor → its smoothed tokens/s
         self._on_drop = on_drop or (lambda reason, n: None)
+        # CPU data parallelism: queued work is shared among the idle executors of the same lanes
+        # instead of the first one taking a whole budget while the others stay idle.
+        self._spread = spread
+        self._idle: dict[tuple[str, ...], int] = {}
 
     # ---- event loop side -----------------------------------------------------------------------
 
@@ -101,7 +108,7 @@ class TokenBudgetScheduler:
             self._cond.notify_all()
 
     def _retry_after_s(self, queued_tokens: int) -> float:
-        rate = self._drain_tokens_per_s
+        rate = self.drain_tokens_per_s
         if not rate:
             return _MIN_RETRY_AFTER_S
         return min(max(queued_tokens / rate, _MIN_RETRY_AFTER_S), _MAX_RETRY_AFTER_S)
@@ -123,15 +130,16 @@ class TokenBudgetScheduler:
 
     @property
     def drain_tokens_per_s(self) -> float | None:
-        return self._drain_tokens_per_s
+        """The queue's drain rate: the sum over the executors that run in parallel."""
+        return sum(self._drain_rates.values()) if self._drain_rates else None
 
-    def record_drain(self, tokens: int, seconds: float) -> None:
-        """Feed the measured throughput (one batch) into the Retry-After estimate."""
+    def record_drain(self, tokens: int, seconds: float, executor: str = "main") -> None:
+        """Feed the measured throughput of one batch of ``executor`` into the Retry-After estimate."""
         if seconds <= 0:
             return
         rate = tokens / seconds
-        previous = self._drain_tokens_per_s
-        self._drain_tokens_per_s = rate if previous is None else previous + _DRAIN_RATE_SMOOTHING * (rate - previous)
+        previous = self._drain_rates.get(executor)
+        self._drain_rates[executor] = rate if previous is None else previous + _DRAIN_RATE_SMOOTHING * (rate - previous)
 
     # ---- executor side -----------------------------------------------------------------------
 
@@ -143,18 +151,31 @@ class TokenBudgetScheduler:
         lanes = tuple(lanes)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
-            while True:
-                batch = self._form_batch(lanes)
-                if batch:
-                    return batch
-                if self._closed and not any(self._lanes[lane] for lane in lanes):
-                    return None
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return []
-                self._cond.wait(remaining)
+            self._idle[lanes] = self._idle.get(lanes, 0) + 1
+            try:
+                while True:
+                    batch = self._form_batch(lanes, self._budget(lanes))
+                    if batch:
+                        return batch
+                    if self._closed and not any(self._lanes[lane] for lane in lanes):
+                        return None
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return []
+                    self._cond.wait(remaining)
+            finally:
+                self._idle[lanes] -= 1
 
-    def _form_batch(self, lanes: tuple[str, ...]) -> list[WorkItem]:
+    def _budget(self, lanes: tuple[str, ...]) -> int:
+        """Tokens this batch may hold: the budget, or with ``spread`` an even share of what is queued
+        among the executors of these lanes that are idle right now (this one included)."""
+        idle = self._idle.get(lanes, 1)
+        if not self._spread or idle <= 1:
+            return self.max_batch_tokens
+        queued = sum(self._lane_tokens[lane] for lane in lanes)
+        return min(self.max_batch_tokens, -(-queued // idle))
+
+    def _form_batch(self, lanes: tuple[str, ...], max_tokens: int) -> list[WorkItem]:
         batch: list[WorkItem] = []
         tokens = 0
         now = time.perf_counter()
@@ -174,7 +195,7 @@ class TokenBudgetScheduler:
                     self._pop(lane)
                     self._on_drop("cancelled", 1)
                     continue
-                if batch and (tokens + n > self.max_batch_tokens or len(batch) >= self.max_batch_requests):
+                if batch and (tokens + n > max_tokens or len(batch) >= self.max_batch_requests):
                     return batch
                 self._pop(lane)
                 batch.append(item)

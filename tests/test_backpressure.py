@@ -107,6 +107,16 @@ def test_the_drain_rate_is_a_moving_average_between_old_and_new_measurements():
     assert scheduler.drain_tokens_per_s == rate
 
 
+def test_executors_running_in_parallel_add_up_to_the_drain_rate(loop):
+    # Two CPU executors each drain 500 tokens/s: the queue empties at 1000 tokens/s, not 500.
+    scheduler = TokenBudgetScheduler(max_batch_tokens=1000, max_queued_tokens=10_000)
+    scheduler.record_drain(500, 1.0, "main0")
+    scheduler.record_drain(500, 1.0, "main1")
+    assert scheduler.drain_tokens_per_s == pytest.approx(1000.0)
+    scheduler.submit(work_items(loop, [8000]))
+    assert refusal(scheduler, loop, 9000).retry_after_s == pytest.approx(8.0)
+
+
 def test_retry_after_is_bounded_between_1_and_60_seconds(loop):
     unmeasured = TokenBudgetScheduler(max_batch_tokens=10, max_queued_tokens=10)
     unmeasured.submit(work_items(loop, [10]))
@@ -259,12 +269,17 @@ def test_retry_after_reflects_the_measured_drain_rate(engine, server):
     forty = text_of_tokens(engine, "tiny", 40)
     with HeldServer(engine, server) as held:
         held.queue([forty, forty])
+        main = [e.name for e in engine.models["tiny"].executors if e.lanes != ("search",)]
+
+        def drained_per_second(tokens: int) -> None:
+            for _ in range(300):
+                for name in main:  # the executors run in parallel: their rates add up
+                    held.scheduler.record_drain(tokens / len(main), 1.0, name)
+
         # As if the last batches had drained 10 tokens per second: 80 queued tokens take 8 s.
-        for _ in range(300):
-            held.scheduler.record_drain(10, 1.0)
+        drained_per_second(10)
         slow = embed(server, [forty])
-        for _ in range(300):
-            held.scheduler.record_drain(40, 1.0)
+        drained_per_second(40)
         faster = embed(server, [forty])
         held.release()
     assert assert_overloaded(slow, "native") == 8

@@ -125,9 +125,9 @@ def head_checkpoints(tmp_path_factory) -> dict[str, tuple[Path, BertModel]]:
     out = {}
     for head, variant in [("BertForMaskedLM", "bert-tiny"), ("BertForSequenceClassification", "bert-tiny-gelu-new")]:
         path = tiny_checkpoints.build_bert_with_head(root / head, head, variant, seed=5)
-        if head == "BertForSequenceClassification":
-            # The architecture alone says 'rerank'; the settings file is how a user serves it as embeddings.
-            (path / "infercore.json").write_text('{"task": "text_embedding"}')
+        # The architecture alone says 'rerank' / 'sparse_embedding'; the settings file is how a user
+        # serves such a checkpoint as dense embeddings.
+        (path / "infercore.json").write_text('{"task": "text_embedding"}')
         full = getattr(transformers, head).from_pretrained(path, attn_implementation="eager").eval()
         out[head] = (path, full.bert)
     return out

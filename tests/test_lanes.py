@@ -6,12 +6,15 @@ model call (``RunnerSpy``), never by timing."""
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from infercore.server.canonical import EmbedRequest
 from infercore.server.engine import SEARCH_LANE_MAX_TOKENS
+from infercore.server.executor import BULK_NICENESS
 from infercore.server.scheduler import LANES, TokenBudgetScheduler
 from tests.engine_harness import (
     InProcessServer,
@@ -340,3 +343,57 @@ def test_a_search_request_completes_while_a_flood_of_ingest_work_holds_the_main_
         assert main_inputs == total_inputs
     finally:
         engine.shutdown()
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="thread niceness is a POSIX facility")
+def test_on_cpu_the_main_executors_run_below_the_search_executor_and_the_event_loop(tiny_bert_dir):
+    """Two cores shared by bulk batches and a query: the kernel scheduler must favour the query's
+    thread (and the event loop), or search latency under ingest load triples."""
+    engine = make_engine("tiny", tiny_bert_dir, cpu_workers=2)
+    try:
+        executors = engine.models["tiny"].executors
+        ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        def niceness(executor) -> int:
+            return os.getpriority(os.PRIO_PROCESS, executor._thread.native_id)
+
+        main = [e for e in executors if e.lanes != ("search",)]
+        search = [e for e in executors if e.lanes == ("search",)]
+        assert len(main) == 2 and len(search) == 1
+        expected = min(ours + BULK_NICENESS, 19)
+        wait_for(lambda: all(niceness(e) == expected for e in main), "main executors lowered their priority")
+        assert niceness(search[0]) == ours
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == ours  # this thread untouched
+    finally:
+        engine.shutdown()
+
+
+def test_on_cpu_one_request_is_shared_among_the_idle_executors(tiny_bert_dir):
+    """Data-parallel CPU executors: 16 inputs arriving at an idle server become two batches of 8,
+    one per core, not one batch of 16 on one core while the other idles."""
+    engine = make_engine("tiny", tiny_bert_dir, cpu_workers=2)
+    text = text_of_tokens(engine, "tiny", 30)
+    try:
+        with RunnerSpy(engine, "tiny") as spy:
+            wait_for(lambda: engine.models["tiny"].scheduler._idle.get(LANES) == 2, "both main executors idle")
+            result = asyncio.run(engine.embed(EmbedRequest([text] * 16, priority="ingest")))
+        assert len(result.vectors) == 16
+        main = spy.batches_of(is_main_executor)
+        assert sorted(len(batch.inputs) for batch in main) == [8, 8]
+        assert len({batch.executor for batch in main}) == 2
+    finally:
+        engine.shutdown()
+
+
+def test_spreading_never_splits_below_one_input_and_stays_within_the_budget(loop):
+    scheduler = TokenBudgetScheduler(max_batch_tokens=100, spread=True)
+    scheduler._idle[LANES] = 4  # four other executors of the same lanes are waiting
+    scheduler.submit(work_items(loop, [70, 70]))  # a share of 28 tokens each: still one whole input
+    assert [item.num_tokens for item in scheduler.next_batch(LANES)] == [70]
+    scheduler.next_batch(LANES)
+    scheduler._idle[LANES] = 1
+    scheduler.submit(work_items(loop, [30] * 10))  # a share of 150 for two: capped by the budget
+    assert [item.num_tokens for item in scheduler.next_batch(LANES)] == [30, 30, 30]
+    scheduler._idle[LANES] = 2
+    scheduler.submit(work_items(loop, [10] * 3))  # 7 x 30 + 3 x 10 = 240 queued, 3 idle: 80 each
+    assert [item.num_tokens for item in scheduler.next_batch(LANES)] == [30, 30]

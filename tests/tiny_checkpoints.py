@@ -80,7 +80,7 @@ def write_sentence_transformers_files(out: Path, width: int, pooling: str, promp
     (out / "config_sentence_transformers.json").write_text(json.dumps(st_config))
 
 
-def build_bert_with_head(out: Path, head: str, variant: str = "bert-tiny", seed: int = 0) -> Path:
+def build_bert_with_head(out: Path, head: str, variant: str = "bert-tiny", seed: int = 0, **config) -> Path:
     """A transformers head model (``BertForMaskedLM``, ``BertForSequenceClassification``...) saved as
     published: encoder weights under ``bert.``, the head's own weights beside them, no
     sentence-transformers files. Its encoder is the saved model's ``.bert``."""
@@ -89,7 +89,7 @@ def build_bert_with_head(out: Path, head: str, variant: str = "bert-tiny", seed:
 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=30522, **BERT_VARIANTS[variant])
+    config = transformers.BertConfig(vocab_size=30522, **{**BERT_VARIANTS[variant], **config})
     model = getattr(transformers, head)(config).eval()
     model.save_pretrained(out, safe_serialization=True)
     copy_tokenizer(out)

@@ -1,7 +1,11 @@
 """The native API, compatible with Hugging Face TEI where TEI has the route.
 
-POST /embed, /tokenize, /decode; GET /health, /info, /v1/models, /metrics.
+POST /embed, /embed_sparse, /tokenize, /decode; GET /health, /info, /v1/models, /metrics.
 Errors: ``{"error": "...", "error_type": "..."}``.
+
+``/embed_sparse`` answers TEI's ``[[{"index", "value"}]]`` (term ids); with ``?format=tokens`` it
+answers ``[{"<token>": weight}]``, the shape Elasticsearch's ``hugging_face`` service parses for
+sparse embeddings, with tokens spelled as Elasticsearch stores them (see ``sparse_terms``).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ... import __version__
-from ..canonical import DecodeRequest, EmbedRequest, TokenizeRequest
+from ...models.sparse import SparseVector
+from ..canonical import DecodeRequest, EmbedRequest, SparseEmbedRequest, TokenizeRequest
 from ..engine import Engine, ModelHandle
 from ..errors import InferenceError, NotReady, ValidationError
 from ..http import decode_json, endpoint, json_response, read_body, result_headers, scheduling_hints, until_disconnect
@@ -33,6 +38,16 @@ class EmbedBody(msgspec.Struct):
     priority: str | None = None
 
 
+class EmbedSparseBody(msgspec.Struct):
+    inputs: str | list[str]
+    truncate: bool | None = None
+    truncation_direction: TruncationDirection = "right"
+    top_k: int | None = None
+    min_weight: float = 0.0
+    model: str | None = None
+    priority: str | None = None
+
+
 class TokenizeBody(msgspec.Struct):
     inputs: str | list[str]
     add_special_tokens: bool = True
@@ -44,6 +59,15 @@ class DecodeBody(msgspec.Struct):
     ids: list[int | list[int]]
     skip_special_tokens: bool = True
     model: str | None = None
+
+
+SPARSE_FORMATS = ("ids", "tokens")
+
+
+def sparse_terms(vector: SparseVector, vocabulary: list[str]) -> dict[str, float]:
+    """{token: weight}, heaviest first, tokens as Elasticsearch stores them: the WordPiece string
+    with every "." written "__" (a dot would be a field path separator in a sparse_vector field)."""
+    return {vocabulary[i].replace(".", "__"): w for i, w in zip(vector.ids.tolist(), vector.weights.tolist())}
 
 
 def format_error(exc: InferenceError) -> dict:
@@ -76,6 +100,34 @@ def routes(engine: Engine) -> list[Route]:
         result = await until_disconnect(request, work)
         vectors = [v.tolist() for v in result.vectors]
         return json_response(vectors, headers=result_headers(result))
+
+    async def embed_sparse(request: Request) -> Response:
+        output = request.query_params.get("format", "ids")
+        if output not in SPARSE_FORMATS:
+            raise ValidationError(f"format must be one of {', '.join(SPARSE_FORMATS)}, got {output!r}")
+        body = decode_json(await read_body(request, limit), EmbedSparseBody)
+        header_priority, timeout_s = scheduling_hints(request)
+        work = engine.embed_sparse(
+            SparseEmbedRequest(
+                inputs=as_list(body.inputs),
+                model=body.model,
+                truncate=body.truncate,
+                truncate_left=body.truncation_direction.lower() == "left",
+                top_k=body.top_k,
+                min_weight=body.min_weight,
+                priority=body.priority.strip().lower() if body.priority is not None else header_priority,
+                timeout_s=timeout_s,
+            )
+        )
+        result = await until_disconnect(request, work)
+        if output == "tokens":
+            vocabulary = engine.models[result.model].model.tokenizer.vocabulary
+            payload = [sparse_terms(v, vocabulary) for v in result.vectors]
+        else:
+            payload = [
+                [{"index": i, "value": w} for i, w in zip(v.ids.tolist(), v.weights.tolist())] for v in result.vectors
+            ]
+        return json_response(payload, headers=result_headers(result))
 
     async def tokenize(request: Request) -> Response:
         body = decode_json(await read_body(request, limit), TokenizeBody)
@@ -150,6 +202,7 @@ def routes(engine: Engine) -> list[Route]:
 
     return [
         route("/embed", embed, ["POST"]),
+        route("/embed_sparse", embed_sparse, ["POST"]),
         route("/tokenize", tokenize, ["POST"]),
         route("/decode", decode, ["POST"]),
         route("/health", health, ["GET"], authenticate=False),

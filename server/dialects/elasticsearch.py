@@ -1,0 +1,138 @@
+"""Elasticsearch's inference API shapes, for direct use: POST /_inference/{task_type}/{inference_id}.
+
+    POST /_inference/sparse_embedding/my-elser  {"input": ["text 1", "text 2"], "input_type": "ingest"}
+    -> {"sparse_embedding": [{"is_truncated": false, "embedding": {"port": 2.12, "sky": 1.70}}, ...]}
+    POST /_inference/text_embedding/my-e5       {"input": "hello"}
+    -> {"text_embedding": [{"embedding": [0.01, -0.02, ...]}]}
+
+The inference id names a served model. As in Elasticsearch, over-long inputs are truncated and
+reported per input with ``is_truncated``; ``input_type`` search / ingest picks the scheduler lane;
+``?timeout=30s`` bounds the wait. Errors come in Elasticsearch's shape:
+``{"error": {"root_cause": [{"type", "reason"}], "type", "reason"}, "status": N}``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ..canonical import EmbedRequest, SparseEmbedRequest
+from ..engine import Engine, ModelHandle
+from ..errors import (
+    InferenceError,
+    ModelNotFound,
+    Overloaded,
+    Unauthorized,
+    ValidationError,
+)
+from ..http import decode_json, endpoint, json_response, read_body, result_headers, scheduling_hints, until_disconnect
+from .native import sparse_terms
+
+# Elasticsearch's InputType values (case-insensitive) → the lane; None keeps the server's default.
+INPUT_TYPE_LANES = {
+    "search": "search",
+    "internal_search": "search",
+    "ingest": "ingest",
+    "internal_ingest": "ingest",
+    "classification": None,
+    "clustering": None,
+    "unspecified": None,
+}
+_TIME_UNITS = {"nanos": 1e-9, "micros": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_TIME_VALUE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(nanos|micros|ms|s|m|h|d)\s*$")
+
+
+class InferenceBody(msgspec.Struct):
+    input: str | list[str]
+    input_type: str | None = None
+    task_settings: dict | None = None
+
+
+def format_error(exc: InferenceError) -> dict:
+    if isinstance(exc, ModelNotFound):
+        kind = "resource_not_found_exception"
+    elif isinstance(exc, Unauthorized):
+        kind = "security_exception"
+    elif isinstance(exc, Overloaded):
+        kind = "es_rejected_execution_exception"
+    elif exc.status in (400, 413, 422):
+        kind = "illegal_argument_exception"
+    else:
+        kind = "status_exception"
+    cause = {"type": kind, "reason": exc.message}
+    return {"error": {"root_cause": [cause], **cause}, "status": exc.status}
+
+
+def parse_timeout(value: str | None) -> float | None:
+    """Elasticsearch time values: "30s", "500ms", "1m" ... (None when absent)."""
+    if value is None:
+        return None
+    match = _TIME_VALUE.match(value)
+    if match is None:
+        raise ValidationError(f"failed to parse timeout [{value}]: expected a number with a unit (ms, s, m, h, d)")
+    return float(match.group(1)) * _TIME_UNITS[match.group(2)]
+
+
+def lane_of(input_type: str | None, header_priority: str | None) -> str | None:
+    if input_type is None:
+        return header_priority
+    try:
+        return INPUT_TYPE_LANES[input_type.strip().lower()] or header_priority
+    except KeyError:
+        raise ValidationError(
+            f"invalid input_type [{input_type}]; expected one of {', '.join(INPUT_TYPE_LANES)}"
+        ) from None
+
+
+def routes(engine: Engine) -> list[Route]:
+    limit = engine.config.payload_limit_bytes
+
+    def resolve(task_type: str, inference_id: str) -> ModelHandle:
+        engine.require_ready()
+        handle = engine.models.get(inference_id)
+        if handle is None:
+            raise ModelNotFound(f"Inference endpoint not found [{inference_id}]")
+        if handle.model.task != task_type:
+            raise ValidationError(
+                f"Incompatible task_type, the requested type [{task_type}] does not match the model type "
+                f"[{handle.model.task}]"
+            )
+        return handle
+
+    async def infer(request: Request) -> Response:
+        task_type = request.path_params["task_type"]
+        inference_id = request.path_params["inference_id"]
+        if task_type not in ("sparse_embedding", "text_embedding"):
+            raise ValidationError(
+                f"task_type [{task_type}] is not served here (served: sparse_embedding, text_embedding)"
+            )
+        handle = resolve(task_type, inference_id)
+        body = decode_json(await read_body(request, limit), InferenceBody)
+        header_priority, header_timeout_s = scheduling_hints(request)
+        timeout_s = parse_timeout(request.query_params.get("timeout")) or header_timeout_s
+        inputs = [body.input] if isinstance(body.input, str) else body.input
+        lane = lane_of(body.input_type, header_priority)
+        common = {"model": handle.id, "truncate": True, "priority": lane, "timeout_s": timeout_s}
+        if task_type == "sparse_embedding":
+            work = engine.embed_sparse(SparseEmbedRequest(inputs, **common))
+        else:
+            work = engine.embed(EmbedRequest(inputs, **common))
+        result = await until_disconnect(request, work)
+        if task_type == "sparse_embedding":
+            vocabulary = handle.model.tokenizer.vocabulary
+            payload = {
+                "sparse_embedding": [
+                    {"is_truncated": truncated, "embedding": sparse_terms(vector, vocabulary)}
+                    for vector, truncated in zip(result.vectors, result.truncated)
+                ]
+            }
+        else:
+            payload = {"text_embedding": [{"embedding": vector.tolist()} for vector in result.vectors]}
+        return json_response(payload, headers=result_headers(result))
+
+    path = "/_inference/{task_type}/{inference_id}"
+    return [Route(path, endpoint(engine, "/_inference", format_error, infer), methods=["POST"])]
