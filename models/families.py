@@ -32,6 +32,8 @@ class Family:
 
 FAMILIES: tuple[Family, ...] = (
     Family("bert", ("bert",), BertEncoder, mlm_head=load_bert_mlm_head),
+    # Absolute positions only; Jina's rotary XLM-R (jina-embeddings-v3) is a family of its own.
+    Family("xlm-roberta", ("xlm-roberta", "roberta", "camembert"), BertEncoder, cuda_dtype=torch.bfloat16),
 )
 
 

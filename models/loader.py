@@ -15,11 +15,13 @@ import torch
 
 from .catalog import CatalogEntry, lookup
 from .checkpoint import CheckpointError, open_weights
+from .eland import materialize_eland
 from .embedding import DenseLayer, EmbeddingModel
 from .families import Family, family_for_config
 from .layers import WeightReader
 from .model_dir import ModelDirSpec, read_model_dir
 from .packing import pack_sequences
+from .rerank import RerankModel, load_classifier_head
 from .sparse import SparseEmbeddingModel
 from .tokenizer import TextTokenizer
 
@@ -42,7 +44,7 @@ class ServedModel:
     family: str
     path: Path
     tokenizer: TextTokenizer
-    runner: EmbeddingModel | SparseEmbeddingModel
+    runner: EmbeddingModel | SparseEmbeddingModel | RerankModel
     max_input_tokens: int
     dimensions: int
     device: torch.device
@@ -53,6 +55,10 @@ class ServedModel:
     matryoshka_dimensions: tuple[int, ...] = ()
     catalog: CatalogEntry | None = None
     description: str = ""
+    # rerank: see CatalogEntry
+    max_query_tokens: int = 0
+    rerank_windows: bool = False
+    window_overlap_tokens: int = 80
 
     @functools.cached_property
     def _prompt_lengths(self) -> dict[str, int]:
@@ -107,7 +113,7 @@ def infer_task(spec: ModelDirSpec, entry: CatalogEntry | None) -> str:
 
 
 # Tasks this build has heads for.
-SERVED_TASKS = ("text_embedding", "sparse_embedding")
+SERVED_TASKS = ("text_embedding", "sparse_embedding", "rerank")
 
 
 def require_served_task(task: str, path: Path) -> None:
@@ -123,12 +129,14 @@ def build_runner(
     encoder: torch.nn.Module,
     reader: WeightReader,
     device: torch.device,
-) -> EmbeddingModel | SparseEmbeddingModel:
+) -> EmbeddingModel | SparseEmbeddingModel | RerankModel:
     """The task's head on top of the encoder."""
     if task == "sparse_embedding":
         if family.mlm_head is None:
             raise CheckpointError(f"{spec.path}: the {family.name} family has no masked-LM head for sparse embedding")
         return SparseEmbeddingModel(encoder, family.mlm_head(encoder, reader))
+    if task == "rerank":
+        return RerankModel(encoder, load_classifier_head(encoder, reader, spec.config))
     pooling = spec.pooling or (entry.pooling if entry else None) or "mean"
     dense = [DenseLayer(d, device) for d in spec.dense]
     return EmbeddingModel(encoder, pooling, dense)
@@ -152,7 +160,9 @@ def load_model(
     dtype: str = "auto",
     max_input_tokens_cap: int | None = None,
 ) -> ServedModel:
-    """Read, check and load a model directory; raises CheckpointError with a plain reason."""
+    """Read, check and load a model directory (or an Elastic eland archive, converted once into the
+    cache); raises CheckpointError with a plain reason."""
+    path = materialize_eland(path) or path
     spec = read_model_dir(path)
     entry = lookup(model_id) or lookup(spec.settings.get("catalog_id", ""))
     task = infer_task(spec, entry)
@@ -180,6 +190,10 @@ def load_model(
     prompts = spec.prompts or (dict(entry.prompts) if entry else {})
     default_prompt = spec.default_prompt_name or (entry.default_prompt_name if entry and not spec.prompts else None)
     matryoshka = tuple(spec.settings.get("matryoshka_dimensions") or (entry.matryoshka_dimensions if entry else ()))
+    settings = spec.settings
+    max_query = settings.get("max_query_tokens") or (entry.max_query_tokens if entry else None) or limit // 2
+    windows = settings.get("rerank_windows", entry.rerank_windows if entry else False)
+    overlap = settings.get("window_overlap_tokens", entry.window_overlap_tokens if entry else 80)
     return ServedModel(
         id=model_id,
         task=task,
@@ -197,4 +211,7 @@ def load_model(
         matryoshka_dimensions=matryoshka,
         catalog=entry,
         description=entry.description if entry else "",
+        max_query_tokens=min(max_query, limit - tokenizer.num_special_pair_tokens - 1),
+        rerank_windows=bool(windows),
+        window_overlap_tokens=int(overlap),
     )

@@ -26,6 +26,8 @@ TOKENIZER_FILE = "tokenizer.json"
 SETTINGS_KEYS = {
     "task", "pooling", "max_input_tokens", "prompts", "default_prompt_name",
     "include_prompt", "matryoshka_dimensions", "catalog_id",
+    # rerank: query cap in tokens, sliding windows over long documents, their overlap in tokens
+    "max_query_tokens", "rerank_windows", "window_overlap_tokens",
 }
 # sentence-transformers pooling config keys → our pooling mode names
 _ST_POOLING_KEYS = {

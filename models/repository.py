@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .catalog import starter_entries
 from .checkpoint import CheckpointError
+from .eland import find_eland_archive
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def scan_models_dir(models_dir: Path) -> list[ModelSource]:
     return [
         ModelSource(child.name, child)
         for child in sorted(models_dir.iterdir())
-        if child.is_dir() and (child / "config.json").is_file()
+        if child.is_dir() and ((child / "config.json").is_file() or find_eland_archive(child) is not None)
     ]
 
 
@@ -70,8 +71,11 @@ def resolve_sources(models: list[ModelSource], models_dir: Path | None) -> list[
         sources = starter_sources()
     seen: set[str] = set()
     for source in sources:
-        if not source.path.is_dir():
-            raise CheckpointError(f"model {source.id!r}: {source.path} is not a directory")
+        if not source.path.is_dir() and find_eland_archive(source.path) is None:
+            raise CheckpointError(
+                f"model {source.id!r}: {source.path} is not a directory (nor an Elastic .pt archive with its "
+                ".vocab.json and .metadata.json)"
+            )
         if source.id in seen:
             raise CheckpointError(f"model id {source.id!r} is configured twice")
         seen.add(source.id)

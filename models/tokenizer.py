@@ -49,6 +49,15 @@ class TokenizedInput:
         return len(self.ids)
 
 
+@dataclass(frozen=True, slots=True)
+class TokenizedPair:
+    """One (query, document window) sequence; ``document`` indexes the request's documents."""
+
+    document: int
+    window: int
+    tokens: TokenizedInput
+
+
 @dataclass(frozen=True)
 class Token:
     id: int
@@ -125,6 +134,58 @@ class TextTokenizer:
                 enc.truncate(content_limit, direction="left" if left else "right")
             out.append(self._finish(enc, truncated))
         return out
+
+    def encode_pairs(
+        self,
+        query: str,
+        documents: Sequence[str],
+        max_query_tokens: int,
+        windows: bool,
+        overlap_tokens: int,
+        max_windows: int,
+        truncate: bool,
+    ) -> list[TokenizedPair]:
+        """(query, document) sequences laid out by the tokenizer's pair template ([CLS] q [SEP] d
+        [SEP], <s> q </s></s> d </s> ...), with the query kept: it is cut to ``max_query_tokens``
+        and the document fills the rest of the window. A longer document becomes overlapping
+        windows when ``windows`` (at most ``max_windows``; the rest is cut), else is cut when
+        ``truncate``, else raises InputTooLong naming the document."""
+        limit = self.max_input_tokens
+        specials = self.num_special_pair_tokens
+        query_enc = self._tok.encode(query[: max_query_tokens * MAX_CHARS_PER_TOKEN], add_special_tokens=False)
+        query_cut = len(query_enc.ids) > max_query_tokens
+        if query_cut:
+            query_enc.truncate(max_query_tokens)
+        room = limit - specials - len(query_enc.ids)
+        if room < 1:
+            raise InputTooLong(-1, len(query_enc.ids) + specials, None, limit)
+        overlap = min(overlap_tokens, room // 4)
+        max_doc_tokens = room + (max_windows - 1) * (room - overlap) if windows else room
+        capped = [d[: max_doc_tokens * MAX_CHARS_PER_TOKEN] for d in documents]
+        out = []
+        encodings = self._tok.encode_batch_fast(capped, add_special_tokens=False)
+        for index, (document, enc) in enumerate(zip(documents, encodings)):
+            n = len(enc.ids)
+            cut = query_cut or len(capped[index]) < len(document)
+            if n <= room:
+                out.append(TokenizedPair(index, 0, self._finish_pair(query_enc, enc, cut)))
+                continue
+            if not windows and not truncate:
+                raise InputTooLong(index, n + len(query_enc.ids) + specials, None, limit)
+            cut = cut or n > max_doc_tokens
+            enc.truncate(max_doc_tokens)
+            if not windows:
+                out.append(TokenizedPair(index, 0, self._finish_pair(query_enc, enc, True)))
+                continue
+            enc.truncate(room, stride=overlap)
+            parts = [enc, *enc.overflowing]
+            for window, part in enumerate(parts):
+                out.append(TokenizedPair(index, window, self._finish_pair(query_enc, part, cut)))
+        return out
+
+    def _finish_pair(self, query: Encoding, document: Encoding, truncated: bool) -> TokenizedInput:
+        final = self._tok.post_process(query, document, True)
+        return TokenizedInput(ids=final.ids, type_ids=final.type_ids, truncated=truncated)
 
     def _finish(self, enc: Encoding, truncated: bool) -> TokenizedInput:
         final = self._tok.post_process(enc, None, True)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .catalog import lookup
 from .checkpoint import CheckpointError
+from .eland import materialize_eland
 from .families import family_for_config
 from .loader import infer_task, load_model, require_served_task
 from .model_dir import read_model_dir
@@ -32,6 +33,10 @@ def verify_model_dir(path: str | Path, model_id: str | None = None, load: bool =
     path = Path(path).expanduser()
     report = VerifyReport(path=path, model_id=model_id or path.resolve().name)
     try:
+        converted = materialize_eland(path)
+        if converted is not None:
+            report.facts.append(f"Elastic eland archive, read without running its code; converted into {converted}")
+            path = converted
         spec = read_model_dir(path)
         report.facts.append(f"config: model_type {spec.model_type!r}, architectures {list(spec.architectures)}")
         report.facts.append(f"weights: {', '.join(f.name for f in spec.weight_files)}")

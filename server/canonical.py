@@ -40,6 +40,21 @@ class SparseEmbedRequest:
     timeout_s: float | None = None
 
 
+@dataclass(frozen=True)
+class RerankRequest:
+    """Score ``documents`` against ``query``; sigmoid of the cross-encoder's logit unless
+    ``raw_scores``. ``truncate`` None: the model's default (windows for models that use them)."""
+
+    query: str
+    documents: list[str]
+    model: str | None = None
+    top_n: int | None = None
+    raw_scores: bool = False
+    truncate: bool | None = None
+    priority: str | None = None
+    timeout_s: float | None = None
+
+
 @dataclass
 class Timings:
     """Seconds spent per stage for one request (the slowest input counts for queue/inference)."""
@@ -76,3 +91,22 @@ class DecodeRequest:
     ids: list[list[int]]
     model: str | None = None
     skip_special_tokens: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    index: int
+    score: float
+
+
+@dataclass
+class RerankResult:
+    """Documents by descending score (cut to ``top_n``); ``truncated`` per document."""
+
+    model: str
+    ranked: list[Ranked]
+    input_tokens: int
+    input_chars: int
+    truncated: list[bool]
+    lane: str = "search"
+    timings: Timings = field(default_factory=Timings)

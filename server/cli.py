@@ -1,4 +1,5 @@
-"""Command line: ``infercore serve``, ``infercore models list``, ``infercore models verify PATH``.
+"""Command line: ``infercore serve``, ``infercore models list``, ``infercore models verify PATH``,
+``infercore models import SRC DEST``.
 
 Every ``serve`` flag can also be set through the environment as ``INFERCORE_<FLAG>`` (for example
 ``INFERCORE_API_KEY``, which keeps the key out of the process list); a flag on the command line wins.
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-queued-tokens", type=_positive_int, default=_env("max-queued-tokens", None),
-        help="tokens that may wait per model before requests get 429 (default: 32 batches' worth)",
+        help="tokens that may wait per model before requests get 429 (default: 8 batches' worth on CPU, 32 on CUDA)",
     )
     serve.add_argument(
         "--max-concurrent-requests", type=_positive_int,
@@ -134,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(listing)
     verify = models_commands.add_parser("verify", help="check a model directory and run it once on the CPU")
     verify.add_argument("path", type=Path)
+    importing = models_commands.add_parser(
+        "import", help="convert an eland/ELSER archive (NAME.pt + NAME.vocab.json + NAME.metadata.json) "
+        "into a model directory",
+    )
+    importing.add_argument("src", type=Path, help="the .pt file, or the directory holding the three files")
+    importing.add_argument("dest", type=Path, help="the model directory to write (new or empty)")
+    importing.add_argument("--force", action="store_true", help="write into a non-empty DEST, replacing its files")
+    importing.add_argument(
+        "--num-attention-heads", type=_positive_int, default=None,
+        help="only for archives whose code does not show the attention head count",
+    )
     return parser
 
 
@@ -230,6 +242,16 @@ def verify_model(args: argparse.Namespace) -> int:
     return 1
 
 
+def import_model(args: argparse.Namespace) -> int:
+    from ..models.eland import MODEL_DIR_FILES, import_eland_archive
+
+    dest = import_eland_archive(args.src, args.dest, overwrite=args.force, num_attention_heads=args.num_attention_heads)
+    for name in MODEL_DIR_FILES:
+        print(f"  wrote {dest / name}")
+    print(f"OK: {dest} is a sparse_embedding model directory")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -237,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args)
         if args.models_command == "list":
             return list_models(args)
+        if args.models_command == "import":
+            return import_model(args)
         return verify_model(args)
     except (CheckpointError, ValueError) as exc:
         print(f"infercore: error: {exc}", file=sys.stderr)

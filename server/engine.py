@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -18,13 +19,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ..models.checkpoint import CheckpointError
 from ..models.embedding import EmbedOptions
 from ..models.loader import ServedModel, load_model
 from ..models.repository import resolve_sources
 from ..models.sparse import SparseOptions
 from ..models.tokenizer import InputTooLong, Token, TokenizedInput
-from .canonical import DecodeRequest, EmbedRequest, EmbedResult, SparseEmbedRequest, Timings, TokenizeRequest
+from .canonical import (
+    DecodeRequest,
+    EmbedRequest,
+    EmbedResult,
+    Ranked,
+    RerankRequest,
+    RerankResult,
+    SparseEmbedRequest,
+    Timings,
+    TokenizeRequest,
+)
 from .config import ServerConfig
 from .errors import (
     BackendError,
@@ -42,8 +55,27 @@ from .scheduler import LANES, TokenBudgetScheduler, WorkItem
 log = logging.getLogger("infercore.engine")
 
 HEALTH_PROBE_TIMEOUT_S = 30.0
+# A document longer than this many windows is cut after the last one.
+MAX_RERANK_WINDOWS = 32
 # A request with one input of at most this many tokens and no explicit lane is a search.
 SEARCH_LANE_MAX_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class BiEncoderReranker:
+    """The starter set's stand-in when no cross-encoder is loaded: cosine similarity of an
+    embedding model's vectors of the query and of each document. Named and described as what it
+    is; a configured cross-encoder replaces it."""
+
+    id: str
+    embedder: ModelHandle
+
+    @property
+    def description(self) -> str:
+        return (
+            f"bi-encoder reranker, not a cross-encoder: the cosine similarity of {self.embedder.id} embeddings "
+            "of the query and of each document (scores in [-1, 1])"
+        )
 
 
 @dataclass
@@ -66,6 +98,7 @@ class Engine:
         self.config = config
         self.metrics = metrics or Metrics()
         self.models: dict[str, ModelHandle] = {}
+        self.bi_encoder_rerankers: dict[str, BiEncoderReranker] = {}
         self.state = "starting"  # starting → ready → draining → stopped; or failed
         self.failure: str | None = None
         # Requests between admission and their answer (tokenizing, queued or computing).
@@ -84,8 +117,21 @@ class Engine:
             self.failure = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
             self.state = "failed"
             raise
+        self._add_bi_encoder_reranker()
         if self.state == "starting":  # not if a drain began while loading
             self.state = "ready"
+
+    def _add_bi_encoder_reranker(self) -> None:
+        """The starter set (no model configured) without a cross-encoder reranks with its first
+        embedding model."""
+        if self.config.models or self.config.models_dir:
+            return
+        if any(h.model.task == "rerank" for h in self.models.values()):
+            return
+        embedder = next((h for h in self.models.values() if h.model.task == "text_embedding"), None)
+        if embedder is not None:
+            reranker = BiEncoderReranker(f"{embedder.id}-bi-encoder-rerank", embedder)
+            self.bi_encoder_rerankers[reranker.id] = reranker
 
     def _load_one(self, model_id: str, path) -> None:
         started = time.perf_counter()
@@ -312,6 +358,108 @@ class Engine:
             options = SparseOptions(top_k=request.top_k, min_weight=request.min_weight)
             return await self._run(handle, request.inputs, options, request.truncate, request.truncate_left,
                                    request.priority, request.timeout_s, started)
+
+    async def rerank(self, request: RerankRequest) -> RerankResult:
+        """Cross-encoder scores of every document against the query (max over a long document's
+        windows), or with the bi-encoder stand-in the cosine of their embeddings; best first."""
+        started = time.perf_counter()
+        with self.admission():
+            target = self.resolve_reranker(request.model)
+            self._check_rerank_request(request)
+            deadline = self._deadline(request.timeout_s, started)
+            self._check_priority(request.priority)
+            lane = request.priority or "search"  # reranking happens at query time
+            if isinstance(target, BiEncoderReranker):
+                scores, truncated, tokens, stages = await self._bi_encoder_scores(target, request, lane, deadline)
+            else:
+                scores, truncated, tokens, stages = await self._cross_encoder_scores(target, request, lane, deadline)
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        if request.top_n is not None:
+            order = order[: request.top_n]
+        tokenization_s, queue_s, inference_s = stages
+        timings = Timings(tokenization_s, queue_s, inference_s, time.perf_counter() - started)
+        return RerankResult(
+            model=target.id,
+            ranked=[Ranked(i, scores[i]) for i in order],
+            input_tokens=tokens,
+            input_chars=len(request.query) + sum(len(d) for d in request.documents),
+            truncated=truncated,
+            lane=lane,
+            timings=timings,
+        )
+
+    def _check_rerank_request(self, request: RerankRequest) -> None:
+        if not request.query:
+            raise ValidationError("query must not be empty")
+        if not request.documents:
+            raise ValidationError("documents must not be empty")
+        limit = self.config.max_client_batch_size
+        if len(request.documents) > limit:
+            raise PayloadTooLarge(
+                f"{len(request.documents)} documents is more than the maximum of {limit} per request "
+                "(--max-client-batch-size)"
+            )
+        for i, text in enumerate(request.documents):
+            if not text:
+                raise ValidationError(f"document {i} is empty")
+        if request.top_n is not None and request.top_n < 1:
+            raise ValidationError(f"top_n must be a positive number of documents, got {request.top_n}")
+
+    async def _cross_encoder_scores(
+        self, handle: ModelHandle, request: RerankRequest, lane: str, deadline: float
+    ) -> tuple[list[float], list[bool], int, tuple[float, float, float]]:
+        model = handle.model
+        started = time.perf_counter()
+        truncate = self.config.auto_truncate if request.truncate is None else request.truncate
+        windows = model.rerank_windows and request.truncate is not False
+        loop = asyncio.get_running_loop()
+        try:
+            pairs = await loop.run_in_executor(
+                self._tokenizer_pool, model.tokenizer.encode_pairs, request.query, request.documents,
+                model.max_query_tokens, windows, model.window_overlap_tokens, MAX_RERANK_WINDOWS, truncate or windows,
+            )
+        except InputTooLong as exc:
+            raise PayloadTooLarge(
+                f"document {exc.index} with the query is {exc.tokens} tokens, more than this model's {exc.limit}; "
+                "send \"truncate\": true" if exc.index >= 0 else str(exc)
+            ) from None
+        tokenized_at = time.perf_counter()
+        tokenized = [p.tokens for p in pairs]
+        results = await self._compute(handle, tokenized, [model.runner.default_options()] * len(pairs), lane, deadline)
+        best = [float("-inf")] * len(request.documents)
+        truncated = [False] * len(request.documents)
+        for pair, result in zip(pairs, results):
+            best[pair.document] = max(best[pair.document], result.value)
+            truncated[pair.document] |= pair.tokens.truncated
+        scores = best if request.raw_scores else [1.0 / (1.0 + math.exp(-x)) for x in best]
+        tokens = sum(len(t) for t in tokenized)
+        stages = (tokenized_at - started, max(r.queue_s for r in results), max(r.inference_s for r in results))
+        self.metrics.observe_inference(model.id, lane, len(results), tokens, *stages)
+        return scores, truncated, tokens, stages
+
+    async def _bi_encoder_scores(
+        self, reranker: BiEncoderReranker, request: RerankRequest, lane: str, deadline: float
+    ) -> tuple[list[float], list[bool], int, tuple[float, float, float]]:
+        handle = reranker.embedder
+        truncate = True if request.truncate is None else request.truncate
+        embedded = await self._run(
+            handle, [request.query, *request.documents], EmbedOptions(), truncate, False, lane,
+            deadline - time.perf_counter(), time.perf_counter(),
+        )
+        query, *documents = embedded.vectors
+        scores = [float(np.dot(query, d)) for d in documents]
+        t = embedded.timings
+        return scores, embedded.truncated[1:], embedded.input_tokens, (t.tokenization_s, t.queue_s, t.inference_s)
+
+    def resolve_reranker(self, name: str | None) -> ModelHandle | BiEncoderReranker:
+        """A cross-encoder by name or the first one loaded; else the bi-encoder stand-in."""
+        self.require_ready()
+        if name is not None and name in self.bi_encoder_rerankers:
+            return self.bi_encoder_rerankers[name]
+        if name is None and not any(h.model.task == "rerank" for h in self.models.values()):
+            if self.bi_encoder_rerankers:
+                return next(iter(self.bi_encoder_rerankers.values()))
+        return self.resolve(name, "rerank")
 
     async def _run(
         self, handle: ModelHandle, texts: list[str], options: Any, truncate: bool | None, truncate_left: bool,

@@ -122,8 +122,12 @@ def test_starter_server_serves_all_minilm_l6_v2_and_splade_tiny(starter_client):
     assert starter_client.get("/health").json() == {"status": "ok"}
     info = starter_client.get("/info").json()
     assert info["model_id"] == "all-minilm-l6-v2"
-    served = [(m["model_id"], m["task"], m["dimensions"]) for m in info["models"]]
-    assert served == [("all-minilm-l6-v2", "text_embedding", MINILM_DIMS), ("splade-tiny", "sparse_embedding", 30522)]
+    served = [(m["model_id"], m["task"], m.get("dimensions")) for m in info["models"]]
+    assert served == [
+        ("all-minilm-l6-v2", "text_embedding", MINILM_DIMS),
+        ("splade-tiny", "sparse_embedding", 30522),
+        ("all-minilm-l6-v2-bi-encoder-rerank", "rerank", None),  # no cross-encoder in the starter set
+    ]
 
 
 def test_embed_matches_sentence_transformers_on_unseen_multilingual_and_long_texts(starter_client, st_minilm):

@@ -128,6 +128,87 @@ def build_sharded_bert(out: Path, source: Path, max_shard_size: str = "2MB") -> 
     return out
 
 
+def roberta_pair_tokenizer(out: Path) -> None:
+    """The MiniLM WordPiece vocabulary with RoBERTa's pair template (``<s> a </s></s> b </s>``, all
+    type ids 0), spelled with that vocabulary's [CLS]/[SEP]: the layout XLM-R cross-encoders use,
+    without needing an XLM-R sentencepiece model offline."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import RobertaProcessing
+
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    tokenizer.post_processor = RobertaProcessing(("[SEP]", 102), ("[CLS]", 101), add_prefix_space=False)
+    tokenizer.save(str(out / "tokenizer.json"))
+    # transformers must take tokenizer.json as it is, not rebuild a BERT tokenizer from vocab.txt
+    (out / "vocab.txt").unlink()
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def build_xlmr_cross_encoder(out: Path, seed: int = 0, **config) -> Path:
+    """XLMRobertaForSequenceClassification with one label, random weights, WordPiece vocabulary with
+    the RoBERTa pair template (pad id 0 as in that vocabulary, so positions start at 1)."""
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    settings = dict(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=130, type_vocab_size=1, pad_token_id=0, bos_token_id=101, eos_token_id=102,
+        layer_norm_eps=1e-5, num_labels=1,
+    )
+    model = XLMRobertaForSequenceClassification(XLMRobertaConfig(**{**settings, **config})).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    copy_tokenizer(out)
+    roberta_pair_tokenizer(out)
+    return out
+
+
+JINA_RERANKER = "jinaai/jina-reranker-v2-base-multilingual"
+
+
+def to_jina_flash_layout(source: Path, out: Path) -> Path:
+    """``source`` (an XLM-R sequence classifier) rewritten with the key names of Jina's flash XLM-R
+    implementation (jina-reranker-v2): ``roberta.emb_ln``, ``encoder.layers.N.mixer.Wqkv`` (q|k|v
+    concatenated), ``mixer.out_proj``, ``norm1``, ``mlp.fc1``/``fc2``, ``norm2``; config with its
+    ``auto_map``."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, out, dirs_exist_ok=True)
+    weights = load_file(str(source / "model.safetensors"))
+    renamed: dict[str, torch.Tensor] = {}
+    layer_ids = sorted({int(k.split(".")[3]) for k in weights if k.startswith("roberta.encoder.layer.")})
+    for name, tensor in weights.items():
+        if name.startswith("roberta.embeddings.LayerNorm."):
+            renamed[name.replace("roberta.embeddings.LayerNorm.", "roberta.emb_ln.")] = tensor
+        elif name.startswith(("roberta.embeddings.", "classifier.")):
+            renamed[name] = tensor
+    for i in layer_ids:
+        old, new = f"roberta.encoder.layer.{i}.", f"roberta.encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            renamed[new + f"mixer.Wqkv.{kind}"] = torch.cat(
+                [weights[old + f"attention.self.{p}.{kind}"] for p in ("query", "key", "value")]
+            )
+            for src, dst in (("attention.output.dense", "mixer.out_proj"), ("attention.output.LayerNorm", "norm1"),
+                             ("intermediate.dense", "mlp.fc1"), ("output.dense", "mlp.fc2"),
+                             ("output.LayerNorm", "norm2")):
+                renamed[new + f"{dst}.{kind}"] = weights[old + f"{src}.{kind}"]
+    renamed = {k: v.contiguous() for k, v in renamed.items()}
+    save_file(renamed, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config.update(
+        architectures=["XLMRobertaForSequenceClassification"],
+        auto_map={"AutoConfig": f"{JINA_RERANKER}--configuration_xlm_roberta.XLMRobertaFlashConfig",
+                  "AutoModelForSequenceClassification":
+                  f"{JINA_RERANKER}--modeling_xlm_roberta.XLMRobertaForSequenceClassification"},
+        use_flash_attn=True, position_embedding_type="absolute",
+    )
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
 def build_all(root: Path) -> list[Path]:
     return [build_bert(root / name, name) for name in BERT_VARIANTS]
 

@@ -4,6 +4,8 @@
     -> {"sparse_embedding": [{"is_truncated": false, "embedding": {"port": 2.12, "sky": 1.70}}, ...]}
     POST /_inference/text_embedding/my-e5       {"input": "hello"}
     -> {"text_embedding": [{"embedding": [0.01, -0.02, ...]}]}
+    POST /_inference/rerank/my-reranker  {"query": "q", "input": ["d1", "d2"], "top_n": 1, "return_documents": true}
+    -> {"rerank": [{"index": 1, "relevance_score": 0.93, "text": "d2"}]}
 
 The inference id names a served model. As in Elasticsearch, over-long inputs are truncated and
 reported per input with ``is_truncated``; ``input_type`` search / ingest picks the scheduler lane;
@@ -20,8 +22,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..canonical import EmbedRequest, SparseEmbedRequest
-from ..engine import Engine, ModelHandle
+from ..canonical import EmbedRequest, RerankRequest, SparseEmbedRequest
+from ..engine import Engine
 from ..errors import (
     InferenceError,
     ModelNotFound,
@@ -50,6 +52,12 @@ class InferenceBody(msgspec.Struct):
     input: str | list[str]
     input_type: str | None = None
     task_settings: dict | None = None
+    query: str | None = None
+    top_n: int | None = None
+    return_documents: bool | None = None
+
+
+SERVED_TASK_TYPES = ("sparse_embedding", "text_embedding", "rerank")
 
 
 def format_error(exc: InferenceError) -> dict:
@@ -91,39 +99,40 @@ def lane_of(input_type: str | None, header_priority: str | None) -> str | None:
 def routes(engine: Engine) -> list[Route]:
     limit = engine.config.payload_limit_bytes
 
-    def resolve(task_type: str, inference_id: str) -> ModelHandle:
+    def resolve(task_type: str, inference_id: str) -> str:
         engine.require_ready()
         handle = engine.models.get(inference_id)
-        if handle is None:
+        task = "rerank" if inference_id in engine.bi_encoder_rerankers else handle.model.task if handle else None
+        if task is None:
             raise ModelNotFound(f"Inference endpoint not found [{inference_id}]")
-        if handle.model.task != task_type:
+        if task != task_type:
             raise ValidationError(
-                f"Incompatible task_type, the requested type [{task_type}] does not match the model type "
-                f"[{handle.model.task}]"
+                f"Incompatible task_type, the requested type [{task_type}] does not match the model type [{task}]"
             )
-        return handle
+        return inference_id
 
     async def infer(request: Request) -> Response:
         task_type = request.path_params["task_type"]
         inference_id = request.path_params["inference_id"]
-        if task_type not in ("sparse_embedding", "text_embedding"):
-            raise ValidationError(
-                f"task_type [{task_type}] is not served here (served: sparse_embedding, text_embedding)"
-            )
-        handle = resolve(task_type, inference_id)
+        if task_type not in SERVED_TASK_TYPES:
+            served = ", ".join(SERVED_TASK_TYPES)
+            raise ValidationError(f"task_type [{task_type}] is not served here (served: {served})")
+        model_id = resolve(task_type, inference_id)
         body = decode_json(await read_body(request, limit), InferenceBody)
         header_priority, header_timeout_s = scheduling_hints(request)
         timeout_s = parse_timeout(request.query_params.get("timeout")) or header_timeout_s
         inputs = [body.input] if isinstance(body.input, str) else body.input
         lane = lane_of(body.input_type, header_priority)
-        common = {"model": handle.id, "truncate": True, "priority": lane, "timeout_s": timeout_s}
+        if task_type == "rerank":
+            return await rerank(request, body, model_id, inputs, lane, timeout_s)
+        common = {"model": model_id, "truncate": True, "priority": lane, "timeout_s": timeout_s}
         if task_type == "sparse_embedding":
             work = engine.embed_sparse(SparseEmbedRequest(inputs, **common))
         else:
             work = engine.embed(EmbedRequest(inputs, **common))
         result = await until_disconnect(request, work)
         if task_type == "sparse_embedding":
-            vocabulary = handle.model.tokenizer.vocabulary
+            vocabulary = engine.models[model_id].model.tokenizer.vocabulary
             payload = {
                 "sparse_embedding": [
                     {"is_truncated": truncated, "embedding": sparse_terms(vector, vocabulary)}
@@ -133,6 +142,29 @@ def routes(engine: Engine) -> list[Route]:
         else:
             payload = {"text_embedding": [{"embedding": vector.tolist()} for vector in result.vectors]}
         return json_response(payload, headers=result_headers(result))
+
+    async def rerank(request: Request, body: InferenceBody, model_id: str, documents: list[str], lane: str | None,
+                     timeout_s: float | None) -> Response:
+        if body.query is None:
+            raise ValidationError("rerank requires a [query]")
+        settings = body.task_settings or {}
+        top_n = body.top_n if body.top_n is not None else settings.get("top_n")
+        return_documents = body.return_documents
+        if return_documents is None:
+            return_documents = bool(settings.get("return_documents", False))
+        if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool)):
+            raise ValidationError(f"top_n must be an integer, got {top_n!r}")
+        work = engine.rerank(
+            RerankRequest(body.query, documents, model=model_id, top_n=top_n, priority=lane, timeout_s=timeout_s)
+        )
+        result = await until_disconnect(request, work)
+        entries = []
+        for ranked in result.ranked:
+            entry: dict = {"index": ranked.index, "relevance_score": ranked.score}
+            if return_documents:
+                entry["text"] = documents[ranked.index]
+            entries.append(entry)
+        return json_response({"rerank": entries}, headers=result_headers(result))
 
     path = "/_inference/{task_type}/{inference_id}"
     return [Route(path, endpoint(engine, "/_inference", format_error, infer), methods=["POST"])]

@@ -1,6 +1,6 @@
 """The native API, compatible with Hugging Face TEI where TEI has the route.
 
-POST /embed, /embed_sparse, /tokenize, /decode; GET /health, /info, /v1/models, /metrics.
+POST /embed, /embed_sparse, /rerank, /tokenize, /decode; GET /health, /info, /v1/models, /metrics.
 Errors: ``{"error": "...", "error_type": "..."}``.
 
 ``/embed_sparse`` answers TEI's ``[[{"index", "value"}]]`` (term ids); with ``?format=tokens`` it
@@ -19,8 +19,8 @@ from starlette.routing import Route
 
 from ... import __version__
 from ...models.sparse import SparseVector
-from ..canonical import DecodeRequest, EmbedRequest, SparseEmbedRequest, TokenizeRequest
-from ..engine import Engine, ModelHandle
+from ..canonical import DecodeRequest, EmbedRequest, RerankRequest, SparseEmbedRequest, TokenizeRequest
+from ..engine import BiEncoderReranker, Engine, ModelHandle
 from ..errors import InferenceError, NotReady, ValidationError
 from ..http import decode_json, endpoint, json_response, read_body, result_headers, scheduling_hints, until_disconnect
 
@@ -44,6 +44,18 @@ class EmbedSparseBody(msgspec.Struct):
     truncation_direction: TruncationDirection = "right"
     top_k: int | None = None
     min_weight: float = 0.0
+    model: str | None = None
+    priority: str | None = None
+
+
+class RerankBody(msgspec.Struct):
+    query: str
+    texts: list[str]
+    top_n: int | None = None
+    return_text: bool = False
+    raw_scores: bool = False
+    truncate: bool | None = None
+    truncation_direction: TruncationDirection = "right"
     model: str | None = None
     priority: str | None = None
 
@@ -129,6 +141,29 @@ def routes(engine: Engine) -> list[Route]:
             ]
         return json_response(payload, headers=result_headers(result))
 
+    async def rerank(request: Request) -> Response:
+        body = decode_json(await read_body(request, limit), RerankBody)
+        header_priority, timeout_s = scheduling_hints(request)
+        work = engine.rerank(
+            RerankRequest(
+                query=body.query,
+                documents=body.texts,
+                model=body.model,
+                top_n=body.top_n,
+                raw_scores=body.raw_scores,
+                truncate=body.truncate,
+                priority=body.priority.strip().lower() if body.priority is not None else header_priority,
+                timeout_s=timeout_s,
+            )
+        )
+        result = await until_disconnect(request, work)
+        # Exactly these keys: Elasticsearch's hugging_face rerank parser rejects any other.
+        if body.return_text:
+            payload = [{"index": r.index, "score": r.score, "text": body.texts[r.index]} for r in result.ranked]
+        else:
+            payload = [{"index": r.index, "score": r.score} for r in result.ranked]
+        return json_response(payload, headers=result_headers(result))
+
     async def tokenize(request: Request) -> Response:
         body = decode_json(await read_body(request, limit), TokenizeBody)
         tokens = await engine.tokenize(
@@ -162,6 +197,7 @@ def routes(engine: Engine) -> list[Route]:
         engine.require_ready()
         cfg = engine.config
         handles = list(engine.models.values())
+        bi_encoders = list(engine.bi_encoder_rerankers.values())
         first = handles[0].model
         return json_response(
             {
@@ -169,7 +205,10 @@ def routes(engine: Engine) -> list[Route]:
                 "model_id": first.id,
                 "model_sha": None,
                 "model_dtype": str(first.dtype).removeprefix("torch."),
-                "model_type": {"embedding": {"pooling": first.runner.pooling}},
+                "model_type": (
+                    {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
+                    if first.task == "rerank" else {"embedding": {"pooling": first.runner.pooling}}
+                ),
                 "max_input_length": first.max_input_tokens,
                 "max_batch_tokens": handles[0].scheduler.max_batch_tokens,
                 "max_batch_requests": cfg.max_batch_requests,
@@ -178,7 +217,7 @@ def routes(engine: Engine) -> list[Route]:
                 "tokenization_workers": cfg.tokenization_workers,
                 "version": __version__,
                 # every served model
-                "models": [model_info(h) for h in handles],
+                "models": [model_info(h) for h in handles] + [bi_encoder_info(r) for r in bi_encoders],
             }
         )
 
@@ -188,8 +227,11 @@ def routes(engine: Engine) -> list[Route]:
             {
                 "object": "list",
                 "data": [
-                    {"id": h.id, "object": "model", "created": 0, "owned_by": "infercore", **model_info(h)}
-                    for h in engine.models.values()
+                    {"id": info["model_id"], "object": "model", "created": 0, "owned_by": "infercore", **info}
+                    for info in [
+                        *(model_info(h) for h in engine.models.values()),
+                        *(bi_encoder_info(r) for r in engine.bi_encoder_rerankers.values()),
+                    ]
                 ],
             }
         )
@@ -203,6 +245,7 @@ def routes(engine: Engine) -> list[Route]:
     return [
         route("/embed", embed, ["POST"]),
         route("/embed_sparse", embed_sparse, ["POST"]),
+        route("/rerank", rerank, ["POST"]),
         route("/tokenize", tokenize, ["POST"]),
         route("/decode", decode, ["POST"]),
         route("/health", health, ["GET"], authenticate=False),
@@ -228,4 +271,24 @@ def model_info(handle: ModelHandle) -> dict:
         "max_batch_tokens": handle.scheduler.max_batch_tokens,
         "dtype": str(model.dtype).removeprefix("torch."),
         "device": str(model.device),
+        **(
+            {"kind": "cross-encoder", "max_query_tokens": model.max_query_tokens,
+             "rerank_windows": model.rerank_windows, "window_overlap_tokens": model.window_overlap_tokens}
+            if model.task == "rerank" else {}
+        ),
+    }
+
+
+def bi_encoder_info(reranker: BiEncoderReranker) -> dict:
+    embedder = reranker.embedder.model
+    return {
+        "model_id": reranker.id,
+        "task": "rerank",
+        "family": embedder.family,
+        "description": reranker.description,
+        "kind": "bi-encoder",
+        "embedding_model": embedder.id,
+        "max_input_tokens": embedder.max_input_tokens,
+        "dtype": str(embedder.dtype).removeprefix("torch."),
+        "device": str(embedder.device),
     }
