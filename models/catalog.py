@@ -37,6 +37,9 @@ class CatalogEntry:
     starter_subdir: str | None = None
     # How to install the starter package (for messages).
     starter_install: str = ""
+    # multi-task models: task name → instruction prefix, and the task used when a request names none
+    tasks: dict[str, str] = field(default_factory=dict)
+    default_task: str | None = None
     # rerank: the query's token cap, and sliding windows (with this overlap) over long documents
     max_query_tokens: int | None = None
     rerank_windows: bool = False

@@ -6,6 +6,7 @@ pooled vectors to the host, each already cut to the dimensions its request asked
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ class EmbedOptions:
     normalize: bool = True
     dimensions: int | None = None
     skip_leading: int = 0
+    # Task adapter (LoRA) of models that have them (jina-embeddings-v3/v5); None: the base weights.
+    task: str | None = None
 
 
 class DenseLayer(nn.Module):
@@ -80,6 +83,8 @@ class EmbeddingModel:
 
         Returns one float32 vector per input, of length ``options[i].dimensions`` (or full).
         """
+        if any(o.task for o in options):
+            batch = dataclasses.replace(batch, adapters=tuple(o.task for o in options))
         hidden = self.encoder(batch)
         device = hidden.device
         skip = None

@@ -55,6 +55,10 @@ class ServedModel:
     matryoshka_dimensions: tuple[int, ...] = ()
     catalog: CatalogEntry | None = None
     description: str = ""
+    # Multi-task models: task name → instruction prefixed to every input of that task ("" for
+    # none); the encoder carries an adapter per task where the model has them.
+    tasks: dict[str, str] = field(default_factory=dict)
+    default_task: str | None = None
     # rerank: see CatalogEntry
     max_query_tokens: int = 0
     rerank_windows: bool = False
@@ -193,6 +197,12 @@ def load_model(
     settings = spec.settings
     max_query = settings.get("max_query_tokens") or (entry.max_query_tokens if entry else None) or limit // 2
     windows = settings.get("rerank_windows", entry.rerank_windows if entry else False)
+    tasks = dict(settings.get("tasks") or (entry.tasks if entry else {}))
+    for name in getattr(encoder, "adapter_names", ()):
+        tasks.setdefault(name, "")
+    default_task = settings.get("default_task") or (entry.default_task if entry else None)
+    if default_task is not None and default_task not in tasks:
+        raise CheckpointError(f"{spec.path}: default task {default_task!r} is not one of the tasks {sorted(tasks)}")
     overlap = settings.get("window_overlap_tokens", entry.window_overlap_tokens if entry else 80)
     return ServedModel(
         id=model_id,
@@ -213,5 +223,7 @@ def load_model(
         description=entry.description if entry else "",
         max_query_tokens=min(max_query, limit - tokenizer.num_special_pair_tokens - 1),
         rerank_windows=bool(windows),
+        tasks=tasks,
+        default_task=default_task,
         window_overlap_tokens=int(overlap),
     )

@@ -28,6 +28,8 @@ SETTINGS_KEYS = {
     "include_prompt", "matryoshka_dimensions", "catalog_id",
     # rerank: query cap in tokens, sliding windows over long documents, their overlap in tokens
     "max_query_tokens", "rerank_windows", "window_overlap_tokens",
+    # multi-task models: {task: instruction prefix} and the default task
+    "tasks", "default_task",
 }
 # sentence-transformers pooling config keys → our pooling mode names
 _ST_POOLING_KEYS = {

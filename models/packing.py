@@ -33,6 +33,8 @@ class PackedBatch:
     seq_lens:       host copy of the per-sequence lengths (avoids device syncs)
     max_seqlen:     longest sequence in the batch
     num_inputs:     sequences that carry inputs; any after them are filler whose results heads drop
+    adapters:       per input, the task adapter (LoRA) it runs with, or None for the base weights;
+                    empty when no input names one. Encoders without adapters ignore it.
     """
 
     input_ids: torch.Tensor
@@ -42,6 +44,7 @@ class PackedBatch:
     seq_lens: tuple[int, ...]
     max_seqlen: int
     num_inputs: int
+    adapters: tuple[str | None, ...] = ()
 
     @property
     def num_seqs(self) -> int:

@@ -19,6 +19,9 @@ class EmbedRequest:
     truncate_left: bool = False
     prompt_name: str | None = None
     dimensions: int | None = None
+    # Task of multi-task models (jina-embeddings-v3: retrieval.query, retrieval.passage, ...):
+    # picks the task's adapter and instruction; None: the model's default task.
+    task: str | None = None
     # Scheduling: lane ("search" | "ingest" | "batch"; None picks one from the request's size)
     # and how long the client waits, in seconds (None: the server's --request-timeout).
     priority: str | None = None

@@ -283,6 +283,18 @@ class Engine:
                 f"prompt_name {name!r} is not defined for model {model.id!r} (prompts: {available})"
             ) from None
 
+    @staticmethod
+    def _task(model: ServedModel, task: str | None) -> tuple[str | None, str]:
+        """(the task, its instruction prefix) for multi-task models; (None, "") otherwise."""
+        if task is None:
+            task = model.default_task
+            if task is None:
+                return None, ""
+        if task not in model.tasks:
+            known = ", ".join(sorted(model.tasks)) or "none: this model has no tasks"
+            raise ValidationError(f"task {task!r} is not a task of model {model.id!r} (tasks: {known})")
+        return task, model.tasks[task]
+
     async def _tokenize(self, model: ServedModel, texts: list[str], truncate: bool, left: bool) -> list[TokenizedInput]:
         loop = asyncio.get_running_loop()
         try:
@@ -336,11 +348,14 @@ class Engine:
                     f"got {request.dimensions}"
                 )
             prompt_name, prompt = self._prompt(model, request.prompt_name)
-            texts = [prompt + text for text in request.inputs] if prompt else request.inputs
+            task, instruction = self._task(model, request.task)
+            prefix = instruction + prompt
+            texts = [prefix + text for text in request.inputs] if prefix else request.inputs
             options = EmbedOptions(
                 normalize=request.normalize,
                 dimensions=request.dimensions,
                 skip_leading=model.prompt_skip_tokens(prompt_name),
+                task=task,
             )
             return await self._run(handle, texts, options, request.truncate, request.truncate_left,
                                    request.priority, request.timeout_s, started)

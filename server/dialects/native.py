@@ -36,6 +36,7 @@ class EmbedBody(msgspec.Struct):
     dimensions: int | None = None
     model: str | None = None
     priority: str | None = None
+    task: str | None = None
 
 
 class EmbedSparseBody(msgspec.Struct):
@@ -105,6 +106,7 @@ def routes(engine: Engine) -> list[Route]:
                 truncate_left=body.truncation_direction.lower() == "left",
                 prompt_name=body.prompt_name,
                 dimensions=body.dimensions,
+                task=body.task,
                 priority=body.priority.strip().lower() if body.priority is not None else header_priority,
                 timeout_s=timeout_s,
             )
@@ -268,6 +270,8 @@ def model_info(handle: ModelHandle) -> dict:
         "pooling": model.runner.pooling,
         "prompts": model.prompts,
         "default_prompt_name": model.default_prompt_name,
+        "tasks": sorted(model.tasks),
+        "default_task": model.default_task,
         "max_batch_tokens": handle.scheduler.max_batch_tokens,
         "dtype": str(model.dtype).removeprefix("torch."),
         "device": str(model.device),
