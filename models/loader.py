@@ -6,6 +6,7 @@ say (sentence-transformers config) > the catalog entry for the model id > defaul
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class ServedModel:
     # none); the encoder carries an adapter per task where the model has them.
     tasks: dict[str, str] = field(default_factory=dict)
     default_task: str | None = None
+    end_of_life_date: dt.date | None = None
     # rerank: see CatalogEntry
     max_query_tokens: int = 0
     rerank_windows: bool = False
@@ -201,6 +203,14 @@ def load_model(
     for name in getattr(encoder, "adapter_names", ()):
         tasks.setdefault(name, "")
     default_task = settings.get("default_task") or (entry.default_task if entry else None)
+    end_of_life = entry.end_of_life_date if entry else None
+    if "end_of_life_date" in settings:
+        try:
+            end_of_life = dt.date.fromisoformat(str(settings["end_of_life_date"]))
+        except ValueError:
+            raise CheckpointError(
+                f"{spec.path}: end_of_life_date {settings['end_of_life_date']!r} is not a date (YYYY-MM-DD)"
+            ) from None
     if default_task is not None and default_task not in tasks:
         raise CheckpointError(f"{spec.path}: default task {default_task!r} is not one of the tasks {sorted(tasks)}")
     overlap = settings.get("window_overlap_tokens", entry.window_overlap_tokens if entry else 80)
@@ -225,5 +235,6 @@ def load_model(
         rerank_windows=bool(windows),
         tasks=tasks,
         default_task=default_task,
+        end_of_life_date=end_of_life,
         window_overlap_tokens=int(overlap),
     )

@@ -30,6 +30,8 @@ SETTINGS_KEYS = {
     "max_query_tokens", "rerank_windows", "window_overlap_tokens",
     # multi-task models: {task: instruction prefix} and the default task
     "tasks", "default_task",
+    # ISO date after which requests to the model are refused (410)
+    "end_of_life_date",
 }
 # sentence-transformers pooling config keys → our pooling mode names
 _ST_POOLING_KEYS = {

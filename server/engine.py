@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import math
 import os
@@ -43,6 +44,7 @@ from .errors import (
     BackendError,
     DeadlineExceeded,
     ModelNotFound,
+    ModelRetired,
     NotReady,
     Overloaded,
     PayloadTooLarge,
@@ -229,11 +231,21 @@ class Engine:
                 raise ModelNotFound(f"model {name!r} is not served here; available models: {sorted(self.models)}")
             if handle.model.task != task:
                 raise ValidationError(f"model {name!r} serves {handle.model.task}, not {task}")
-            return handle
+            return self._check_end_of_life(handle)
         for handle in self.models.values():
             if handle.model.task == task:
-                return handle
+                return self._check_end_of_life(handle)
         raise ModelNotFound(f"no model serving {task} is loaded; available models: {sorted(self.models)}")
+
+    @staticmethod
+    def _check_end_of_life(handle: ModelHandle) -> ModelHandle:
+        end = handle.model.end_of_life_date
+        if end is not None and dt.date.today() > end:
+            raise ModelRetired(
+                f"model {handle.id!r} reached its end of life on {end.isoformat()} and no longer serves requests; "
+                "use a newer model"
+            )
+        return handle
 
     # ---- pipeline --------------------------------------------------------------------------
 

@@ -42,6 +42,13 @@ class ModelNotFound(InferenceError):
     error_type = "ModelNotFound"
 
 
+class ModelRetired(InferenceError):
+    """The model is past its end-of-life date."""
+
+    status = 410
+    error_type = "ModelRetired"
+
+
 class RouteNotFound(InferenceError):
     status = 404
     error_type = "NotFound"

@@ -272,6 +272,7 @@ def model_info(handle: ModelHandle) -> dict:
         "default_prompt_name": model.default_prompt_name,
         "tasks": sorted(model.tasks),
         "default_task": model.default_task,
+        "end_of_life_date": model.end_of_life_date.isoformat() if model.end_of_life_date else None,
         "max_batch_tokens": handle.scheduler.max_batch_tokens,
         "dtype": str(model.dtype).removeprefix("torch."),
         "device": str(model.device),
