@@ -122,3 +122,125 @@ register(
         window_overlap_tokens=80,
     )
 )
+
+# jina-embeddings-v5: four PEFT LoRA task adapters under adapters/<task>/ (names as in vLLM's loader,
+# which also defaults to "retrieval"); the tasks add no instruction of their own, the query/document
+# prompts do. reference/models_arch.md §3/§4.
+JINA_V5_TASKS = {"retrieval": "", "text-matching": "", "classification": "", "clustering": ""}
+JINA_V5_PROMPTS = {"query": "Query: ", "document": "Document: "}
+
+register(
+    CatalogEntry(
+        id="jina-embeddings-v5-text-small",
+        task="text_embedding",
+        family="qwen3",
+        description="jinaai/jina-embeddings-v5-text-small: Qwen3-0.6B-Base (causal) with task LoRA adapters, "
+        "last-token pooling, 1024-d (Matryoshka down to 32), 32768 tokens",
+        pooling="last",
+        prompts=dict(JINA_V5_PROMPTS),
+        default_prompt_name="document",
+        # max_position_embeddings 32768 in a third-party copy of the config (rope_theta 3.5e6 there,
+        # UNCERTAIN: the encoder reads both from the local config.json).
+        max_input_tokens=32768,
+        matryoshka_dimensions=(32, 64, 128, 256, 512, 768, 1024),
+        tasks=dict(JINA_V5_TASKS),
+        default_task="retrieval",
+    )
+)
+
+register(
+    CatalogEntry(
+        id="jina-embeddings-v5-text-nano",
+        task="text_embedding",
+        family="eurobert",
+        description="jinaai/jina-embeddings-v5-text-nano: EuroBERT-210m (bidirectional) with task LoRA adapters, "
+        "last-token pooling, 768-d (Matryoshka down to 32), 8192 tokens",
+        pooling="last",
+        prompts=dict(JINA_V5_PROMPTS),
+        default_prompt_name="document",
+        # UNCERTAIN: the v5 blog says 32K, the jina.ai page 8K and a third-party read of config.json
+        # max_position_embeddings 8192; the encoder's position limit caps this anyway.
+        max_input_tokens=8192,
+        matryoshka_dimensions=(32, 64, 128, 256, 512, 768),
+        tasks=dict(JINA_V5_TASKS),
+        default_task="retrieval",
+    )
+)
+
+# jina-embeddings-v3: task → instruction prefix (config.json ``task_instructions``; the LoRA adapter of the
+# same name is picked per input). reference/models_arch.md §2.
+JINA_V3_QUERY_INSTRUCTION = "Represent the query for retrieving evidence documents: "
+JINA_V3_TASKS = {
+    "retrieval.query": JINA_V3_QUERY_INSTRUCTION,
+    "retrieval.passage": "Represent the document for retrieval: ",
+    "separation": "",
+    "classification": "",
+    "text-matching": "",
+}
+
+register(
+    CatalogEntry(
+        id="jina-embeddings-v3",
+        task="text_embedding",
+        family="jina-xlm-roberta",
+        description="jinaai/jina-embeddings-v3: 24-layer XLM-R large with RoPE and five task LoRA adapters, "
+        "mean pooling, 1024-d (Matryoshka down to 32), 8192 tokens",
+        pooling="mean",
+        max_input_tokens=8192,
+        matryoshka_dimensions=(32, 64, 128, 256, 512, 768, 1024),
+        tasks=dict(JINA_V3_TASKS),
+        # The model's own encode(task=None) runs the bare backbone, which no adapter was trained
+        # against. Requests without a task are taken as documents for retrieval, the bulk of what an
+        # inference endpoint embeds (Elasticsearch's Jina service sends retrieval.passage for ingest),
+        # and land in the space that retrieval.query vectors search; the same choice as v5's
+        # "retrieval" + "document" defaults.
+        default_task="retrieval.passage",
+    )
+)
+
+register(
+    CatalogEntry(
+        id="jina-clip-v2",
+        task="text_embedding",
+        family="jina-xlm-roberta",
+        description="jinaai/jina-clip-v2, text tower: the jina-embeddings-v3 backbone with one LoRA adapter "
+        "(retrieval.query, always applied), mean pooling, 1024-d (Matryoshka), 8192 tokens; no image tower",
+        pooling="mean",
+        # encode_text defaults to 512 tokens; the text tower supports 8192 (model card).
+        max_input_tokens=8192,
+        # config.json lists 32..1024; the model card says "down to 64" (UNCERTAIN which is tested).
+        matryoshka_dimensions=(32, 64, 128, 256, 512, 768, 1024),
+        # The instruction is prefixed only when a request names the task; without one the adapter
+        # still applies (the text tower's default_lora_task), with no prefix, as encode_text does.
+        tasks={"retrieval.query": JINA_V3_QUERY_INSTRUCTION},
+        default_task=None,
+    )
+)
+
+register(
+    CatalogEntry(
+        id="microsoft-multilingual-e5-large",
+        task="text_embedding",
+        family="xlm-roberta",
+        description="intfloat/multilingual-e5-large: 24-layer XLM-R large (absolute positions), mean pooling, "
+        "L2, 1024-d, 512 tokens; inputs prefixed 'query: ' or 'passage: '",
+        pooling="mean",
+        max_input_tokens=512,
+        prompts={"query": "query: ", "passage": "passage: "},
+        # The card says inputs without a prefix embed worse; a request naming no prompt is taken as
+        # a passage, like the v3/v5 entries' document defaults.
+        default_prompt_name="passage",
+    )
+)
+
+register(
+    CatalogEntry(
+        id="elser_model_2",
+        task="sparse_embedding",
+        family="bert",
+        description="Elastic Learned Sparse EncodeR v2: BERT-base masked-LM pooled SPLADE-style over the 30522-term "
+        "uncased WordPiece vocabulary (weights: Elastic's .pt/.vocab.json/.metadata.json via `infercore models "
+        "import`, or a BertForMaskedLM directory)",
+        max_input_tokens=512,
+    )
+)

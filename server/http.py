@@ -133,8 +133,10 @@ def endpoint(
     format_error: ErrorFormatter,
     handler: Handler,
     authenticate: bool = True,
+    status_of: Callable[[InferenceError], int] | None = None,
 ) -> Handler:
-    """Wrap a dialect handler: auth, error mapping in the dialect's shape, metrics, access log."""
+    """Wrap a dialect handler: auth, error mapping in the dialect's shape (and, with ``status_of``,
+    the dialect's status for an error), metrics, access log with the W3C trace id when sent."""
 
     async def wrapped(request: Request) -> Response:
         started = time.perf_counter()
@@ -143,22 +145,26 @@ def endpoint(
                 check_api_key(request, engine.config.api_key)
             response = await handler(request)
         except InferenceError as exc:
-            response = error_response(exc, format_error)
+            response = error_response(exc, format_error, status_of)
         except ClientDisconnected:
             # 499 (nginx's "client closed request") only reaches metrics and logs.
             response = Response(status_code=499)
         except Exception:
             log.exception("unexpected error on %s", route)
-            response = error_response(InferenceError("internal server error"), format_error)
+            response = error_response(InferenceError("internal server error"), format_error, status_of)
         duration = time.perf_counter() - started
         engine.metrics.observe_request(route, response.status_code, duration)
-        log.debug("%s %s %d %.1fms", request.method, route, response.status_code, duration * 1e3)
+        trace = request.headers.get("traceparent")
+        log.debug("%s %s %d %.1fms%s", request.method, route, response.status_code, duration * 1e3,
+                  f" traceparent={trace}" if trace else "")
         return response
 
     return wrapped
 
 
-def error_response(exc: InferenceError, format_error: ErrorFormatter) -> Response:
+def error_response(
+    exc: InferenceError, format_error: ErrorFormatter, status_of: Callable[[InferenceError], int] | None = None
+) -> Response:
     headers = {}
     retry_after = getattr(exc, "retry_after_s", None)
     if retry_after is not None:
@@ -167,4 +173,4 @@ def error_response(exc: InferenceError, format_error: ErrorFormatter) -> Respons
         headers["www-authenticate"] = "Bearer"
     if exc.status >= 500 and not isinstance(exc, NotReady):
         log.warning("request failed: %s", exc.message)
-    return json_response(format_error(exc), exc.status, headers)
+    return json_response(format_error(exc), status_of(exc) if status_of else exc.status, headers)
