@@ -147,3 +147,37 @@ def test_errors_are_a_string_under_error_with_statuses_es_handles(starter_client
     response = starter_client.post(path, json=body)
     assert response.status_code == status, response.text
     assert needle in parse_error(response)
+
+
+def test_usage_context_picks_the_query_or_passage_task_of_multi_task_models(tiny_bert_dir, tmp_path):
+    """jina-embeddings-v3 style: searches are embedded with retrieval.query, ingest with
+    retrieval.passage, in the EIS protocol and in Elasticsearch's _inference API alike."""
+    import json
+    import shutil
+
+    from tests.engine_harness import InProcessServer, make_engine
+
+    path = tmp_path / "multi"
+    shutil.copytree(tiny_bert_dir, path)
+    tasks = {"retrieval.query": "Represent the query: ", "retrieval.passage": "Represent the document: "}
+    (path / "infercore.json").write_text(json.dumps({"tasks": tasks}))
+    engine = make_engine("multi", path)
+    server = InProcessServer(engine).start()
+    try:
+        def native(task: str) -> list[float]:
+            return server.post("/embed", json={"inputs": ["lighthouse"], "task": task}).json()[0]
+
+        def eis(usage: str) -> list[float]:
+            body = {"input": ["lighthouse"], "model": "multi", "usage_context": usage}
+            return server.post("/api/v1/embed/text/dense", json=body).json()["data"][0]
+
+        def inference_api(input_type: str) -> list[float]:
+            body = {"input": "lighthouse", "input_type": input_type}
+            return server.post("/_inference/text_embedding/multi", json=body).json()["text_embedding"][0]["embedding"]
+
+        assert eis("search") == native("retrieval.query") == inference_api("search")
+        assert eis("ingest") == native("retrieval.passage") == inference_api("ingest")
+        assert native("retrieval.query") != native("retrieval.passage")
+    finally:
+        server.stop()
+        engine.shutdown()

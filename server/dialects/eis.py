@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ...models.loader import ServedModel
 from ..canonical import EmbedRequest, RerankRequest, SparseEmbedRequest
 from ..engine import Engine
 from ..errors import InferenceError, ModelNotFound, ValidationError
@@ -118,6 +119,24 @@ def lane_of(request: Request, usage_context: str | None) -> str | None:
     return None
 
 
+SEARCH_TASKS = ("retrieval.query",)
+INGEST_TASKS = ("retrieval.passage",)
+SEARCH_PROMPTS = ("query",)
+INGEST_PROMPTS = ("passage", "document")
+
+
+def usage_defaults(model: ServedModel, lane: str | None) -> tuple[str | None, str | None]:
+    """(task, prompt name) that search / ingest traffic gets on models that embed queries and
+    documents differently: jina-embeddings-v3's retrieval.query / retrieval.passage adapters, the
+    query / passage (document) prompts of e5 and jina-embeddings-v5. (None, None) otherwise."""
+    if lane not in ("search", "ingest"):
+        return None, None
+    tasks, prompts = (SEARCH_TASKS, SEARCH_PROMPTS) if lane == "search" else (INGEST_TASKS, INGEST_PROMPTS)
+    task = next((t for t in tasks if t in model.tasks), None)
+    prompt = next((p for p in prompts if p in model.prompts), None)
+    return task, prompt
+
+
 def served(engine: Engine) -> list[tuple[str, str]]:
     """(model id, task) of every model a request may name, cross-encoders and stand-ins included."""
     engine.require_ready()
@@ -160,8 +179,10 @@ def routes(engine: Engine) -> list[Route]:
         model_id = resolve(body.model, "text_embedding")
         inputs = [body.input] if isinstance(body.input, str) else body.input
         lane, timeout_s = hints(request, body.usage_context)
+        task, prompt = usage_defaults(engine.models[model_id].model, lane)
         work = engine.embed(EmbedRequest(
             inputs, model=model_id, truncate=True, dimensions=body.dimensions, priority=lane, timeout_s=timeout_s,
+            task=task, prompt_name=prompt,
         ))
         result = await until_disconnect(request, work)
         headers = result_headers(result)

@@ -32,6 +32,7 @@ from ..errors import (
     ValidationError,
 )
 from ..http import decode_json, endpoint, json_response, read_body, result_headers, scheduling_hints, until_disconnect
+from .eis import usage_defaults
 from .native import sparse_terms
 
 # Elasticsearch's InputType values (case-insensitive) → the lane; None keeps the server's default.
@@ -129,7 +130,8 @@ def routes(engine: Engine) -> list[Route]:
         if task_type == "sparse_embedding":
             work = engine.embed_sparse(SparseEmbedRequest(inputs, **common))
         else:
-            work = engine.embed(EmbedRequest(inputs, **common))
+            task, prompt = usage_defaults(engine.models[model_id].model, lane)
+            work = engine.embed(EmbedRequest(inputs, task=task, prompt_name=prompt, **common))
         result = await until_disconnect(request, work)
         if task_type == "sparse_embedding":
             vocabulary = engine.models[model_id].model.tokenizer.vocabulary
