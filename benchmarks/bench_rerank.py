@@ -25,7 +25,10 @@ Every mode is warmed up, then the modes run in turn ``--repeats`` times (interle
 all of them); the fastest repeat counts. Ratios are infercore / ST in pairs/s: above 1 infercore is
 faster. Tokens/s counts real tokens of the pairs ([CLS] q [SEP] d [SEP], padding excluded).
 
-    python benchmarks/bench_rerank.py [--quick] [--repeats 3] [--queries 20] [--docs 16] [--in-flight 8]
+BERT-base does a few hundred tokens/s on 2 cores, so the default run (5 modes x 2 repeats over
+about 74k tokens) takes the better part of an hour there; ``--quick`` takes about a minute.
+
+    python benchmarks/bench_rerank.py [--quick] [--repeats 2] [--queries 20] [--docs 16] [--in-flight 8]
 
 Writes benchmarks/results/bench_rerank.json.
 """
@@ -64,7 +67,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--queries", type=int, default=20, help="queries, one rerank request each")
     parser.add_argument("--docs", type=int, default=16, help="passages per query")
     parser.add_argument("--in-flight", type=int, default=8, help="concurrent engine requests in the throughput mode")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode (fastest counts)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per mode (fastest counts)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pair draw and of the weights")
     args = parser.parse_args()
     if args.quick:
@@ -123,6 +126,7 @@ def main() -> int:
 
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     shape = BERT_QUICK if args.quick else BERT_BASE
     workdir = tempfile.TemporaryDirectory(prefix="bench_rerank_")
     model_path = tiny_checkpoints.build_bert_with_head(

@@ -15,7 +15,11 @@ import torch
 
 from .bert import BertEncoder, load_bert_mlm_head
 from .checkpoint import CheckpointError
+from .jina_xlmr import MODEL_TYPES as JINA_MODEL_TYPES
+from .jina_xlmr import JinaXlmrEncoder
+from .jina_xlmr import accepts_config as jina_accepts_config
 from .layers import WeightReader
+from .llama_like import EuroBertEncoder, JinaEmbeddingsV5Encoder, Qwen3Encoder
 from .sparse import MlmHead
 
 
@@ -28,19 +32,28 @@ class Family:
     cuda_dtype: torch.dtype = torch.float16
     # (encoder, reader) → the masked-LM head, for sparse embedding; None: no sparse models
     mlm_head: Callable[[Any, WeightReader], MlmHead] | None = None
+    # config → whether this family takes it, for families sharing a model_type; None: all of them
+    accepts: Callable[[dict[str, Any]], bool] | None = None
 
 
 FAMILIES: tuple[Family, ...] = (
     Family("bert", ("bert",), BertEncoder, mlm_head=load_bert_mlm_head),
+    # Before "xlm-roberta": takes the rotary-position configs of that model_type.
+    Family("jina-xlm-roberta", JINA_MODEL_TYPES, JinaXlmrEncoder, cuda_dtype=torch.bfloat16,
+           accepts=jina_accepts_config),
     # Absolute positions only; Jina's rotary XLM-R (jina-embeddings-v3) is a family of its own.
     Family("xlm-roberta", ("xlm-roberta", "roberta", "camembert"), BertEncoder, cuda_dtype=torch.bfloat16),
+    Family("qwen3", ("qwen3",), Qwen3Encoder, cuda_dtype=torch.bfloat16),
+    Family("eurobert", ("eurobert",), EuroBertEncoder, cuda_dtype=torch.bfloat16),
+    # jina-embeddings-v5 configs: Qwen3 (-small) or EuroBERT (-nano) by is_decoder, with task adapters.
+    Family("jina-embeddings-v5", ("jina_embeddings_v5",), JinaEmbeddingsV5Encoder, cuda_dtype=torch.bfloat16),
 )
 
 
 def family_for_config(config: dict[str, Any]) -> Family:
     model_type = config.get("model_type")
     for family in FAMILIES:
-        if model_type in family.model_types:
+        if model_type in family.model_types and (family.accepts is None or family.accepts(config)):
             return family
     supported = sorted(t for f in FAMILIES for t in f.model_types)
     raise CheckpointError(

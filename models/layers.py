@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -55,10 +56,13 @@ class WeightReader:
     module used (a sign of a wrong family or head) without guessing.
     """
 
-    def __init__(self, weights: Mapping[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+    def __init__(self, weights: Mapping[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
+                 model_dir: Path | None = None):
         self._weights = weights
         self.device = device
         self.dtype = dtype
+        # The model directory, for families with weights beside the checkpoint (PEFT task adapters).
+        self.model_dir = model_dir
         self.used: set[str] = set()
 
     def __contains__(self, name: str) -> bool:

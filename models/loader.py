@@ -177,7 +177,7 @@ def load_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device, family)
 
-    reader = WeightReader(open_weights(spec.path), torch_device, torch_dtype)
+    reader = WeightReader(open_weights(spec.path), torch_device, torch_dtype, model_dir=spec.path)
     encoder = family.encoder.from_checkpoint(spec.config, reader)
     runner = build_runner(task, spec, entry, family, encoder, reader, torch_device)
     unused = [
@@ -200,8 +200,15 @@ def load_model(
     max_query = settings.get("max_query_tokens") or (entry.max_query_tokens if entry else None) or limit // 2
     windows = settings.get("rerank_windows", entry.rerank_windows if entry else False)
     tasks = dict(settings.get("tasks") or (entry.tasks if entry else {}))
-    for name in getattr(encoder, "adapter_names", ()):
-        tasks.setdefault(name, "")
+    adapters = tuple(getattr(encoder, "adapter_names", ()))
+    instructions = getattr(encoder, "task_instructions", {})
+    for name in adapters:
+        tasks.setdefault(name, instructions.get(name, ""))
+    if adapters and set(tasks) - set(adapters):
+        raise CheckpointError(
+            f"{spec.path}: tasks {sorted(set(tasks) - set(adapters))} have no adapter in the checkpoint "
+            f"(adapters: {list(adapters)})"
+        )
     default_task = settings.get("default_task") or (entry.default_task if entry else None)
     end_of_life = entry.end_of_life_date if entry else None
     if "end_of_life_date" in settings:

@@ -1,0 +1,432 @@
+"""Jina's XLM-RoBERTa with rotary positions and task LoRA adapters, over packed tokens:
+jina-embeddings-v3 and the text tower of jina-clip-v2.
+
+Published layout (``XLMRobertaLoRA`` over Jina's flash XLM-R): weights under ``roberta.`` (for
+jina-clip-v2 under the text tower's own prefix), ``emb_ln``, ``encoder.layers.N.{mixer.Wqkv,
+mixer.out_proj, norm1, mlp.fc1, mlp.fc2, norm2}``, no position table. Every Linear and Embedding is
+a torch parametrization: the base weight is ``<module>.parametrizations.weight.original`` and the
+adapters of all tasks are stacked in ``.parametrizations.weight.0.lora_A`` / ``.0.lora_B``:
+
+- Linear [out, in]:      lora_A [tasks, rank, in], lora_B [tasks, out, rank]; delta_t = B[t] @ A[t]
+- Embedding [num, dim]:  lora_A [tasks, num, rank], lora_B [tasks, rank, dim]; delta_t = A[t] @ B[t]
+
+scaled by ``lora_alpha / lora_rank``; task t is index t of ``lora_adaptations``. The published code
+materialises ``W + delta_t`` on every call. Here nothing is merged: one copy of the base weights,
+and the low-rank deltas are added per token. The whole batch shares one ``gate`` [tokens,
+tasks * rank] that holds the scaling in the columns of each token's task and zeros elsewhere, so a
+LoRA Linear is ``x Wᵀ + b + ((x A_allᵀ) * gate) B_all``: two skinny matmuls over all tokens
+whatever mix of tasks the batch holds, no loop over tasks, and a token's result does not depend on
+the tasks of the tokens beside it. Tokens with no adapter get a zero gate row, i.e. the base weights.
+
+Which adapter an input gets: ``PackedBatch.adapters``; None means the base weights for
+jina-embeddings-v3 (its ``encode(task=None)`` disables every adapter) and the default adapter for
+jina-clip-v2 (``default_lora_task``, which its text tower always applies when no task is given).
+
+Blocks are post-LN (``x = LN(x + attn(x)); x = LN(x + mlp(x))``), attention is bidirectional and
+RoPE is GPT-NeoX style (rotate-half, not interleaved) over ``rotary_emb_dim`` (default head_dim)
+with base ``rotary_emb_base``; positions count from 0 in every sequence and the cos/sin tables are
+computed in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import varlen_attention
+from .checkpoint import CheckpointError
+from .layers import WeightReader, assign, find_prefix, load_layer_norm
+from .packing import PackedBatch
+
+MODEL_TYPES = ("xlm-roberta", "jina_clip")
+
+# jina-clip-v2's config names its text tower's base model (``hf_model_name_or_path``) instead of
+# describing it; the published code fetches that model's config.json from the hub and overlays
+# ``hf_model_config_kwargs``. Offline, the base config of the one known text tower stands in.
+JINA_V3_REPO = "jinaai/jina-embeddings-v3"
+JINA_V3_CONFIG: dict[str, Any] = {
+    "vocab_size": 250002, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+    "intermediate_size": 4096, "hidden_act": "gelu", "layer_norm_eps": 1e-5, "max_position_embeddings": 8194,
+    "type_vocab_size": 1, "pad_token_id": 1, "position_embedding_type": "rotary", "rotary_emb_base": 20000.0,
+    "lora_adaptations": ["retrieval.query", "retrieval.passage", "separation", "classification", "text-matching"],
+    "lora_rank": 4, "lora_alpha": 1,
+}
+
+# Jina's flash MLP applies GELU whatever ``hidden_act`` says; tanh-approximated for these names.
+_GELU_TANH = ("gelu_new", "gelu_fast", "gelu_pytorch_tanh")
+_GELU_ACTS = ("gelu", "gelu_python", *_GELU_TANH)
+
+_ORIGINAL = ".parametrizations.weight.original"
+_LORA_A = ".parametrizations.weight.0.lora_A"
+_LORA_B = ".parametrizations.weight.0.lora_B"
+
+
+def accepts_config(config: dict[str, Any]) -> bool:
+    """Whether a config of one of MODEL_TYPES is this family's: XLM-R with rotary positions (absolute
+    ones are the BERT encoder's), or a jina-clip model (its text tower)."""
+    return config.get("model_type") == "jina_clip" or config.get("position_embedding_type") == "rotary"
+
+
+@dataclass(frozen=True)
+class JinaXlmrConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    rotary_dim: int
+    rotary_base: float
+    gelu_approximate: str = "none"
+    type_vocab_size: int = 1
+    layer_norm_eps: float = 1e-5
+    max_positions: int = 8192
+    # Task adapters: names in checkpoint order, rank, alpha / rank, and the adapter an input with
+    # no task gets (None: the base weights).
+    adapter_names: tuple[str, ...] = ()
+    lora_rank: int = 0
+    lora_scaling: float = 1.0
+    default_adapter: str | None = None
+    task_instructions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def lora_width(self) -> int:
+        """Columns of the stacked adapters: rank for each task."""
+        return len(self.adapter_names) * self.lora_rank
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any]) -> JinaXlmrConfig:
+        """From jina-embeddings-v3's config.json, or jina-clip-v2's (its ``text_config``)."""
+        default_adapter = None
+        if config.get("model_type") == "jina_clip":
+            text = config.get("text_config") or {}
+            base = text.get("hf_model_name_or_path", JINA_V3_REPO)
+            if base != JINA_V3_REPO:
+                raise CheckpointError(
+                    f"jina-clip text tower {base!r} is not supported (only the {JINA_V3_REPO} backbone, whose "
+                    "config is known offline)"
+                )
+            config = {**JINA_V3_CONFIG, **(text.get("hf_model_config_kwargs") or {})}
+            default_adapter = text.get("default_lora_task")
+        if config.get("position_embedding_type") != "rotary":
+            raise CheckpointError("the Jina XLM-R family needs position_embedding_type 'rotary'")
+        if config.get("rotary_emb_interleaved") or config.get("rotary_emb_scale_base") is not None:
+            raise CheckpointError("interleaved or XPos-scaled rotary embeddings are not supported")
+        act = config.get("hidden_act", "gelu")
+        if act not in _GELU_ACTS:
+            raise CheckpointError(f"hidden_act {act!r} is not supported by the Jina XLM-R family (GELU only)")
+        try:
+            hidden, heads = config["hidden_size"], config["num_attention_heads"]
+            if hidden % heads:
+                raise CheckpointError("hidden_size is not a multiple of num_attention_heads")
+            rotary_dim = int(config.get("rotary_emb_dim") or hidden // heads)
+            if rotary_dim % 2 or not 0 < rotary_dim <= hidden // heads:
+                raise CheckpointError(f"rotary_emb_dim {rotary_dim} must be even and at most the head size")
+            pad = config.get("pad_token_id")
+            names, rank, scaling = _adapters(config)
+            instructions = config.get("task_instructions") or {}
+            for task in [*instructions, default_adapter]:
+                if task is not None and task not in names:
+                    raise CheckpointError(
+                        f"task {task!r} is named in the config but is not one of lora_adaptations {list(names)}"
+                    )
+            return cls(
+                vocab_size=config["vocab_size"],
+                hidden_size=hidden,
+                num_hidden_layers=config["num_hidden_layers"],
+                num_attention_heads=heads,
+                intermediate_size=config["intermediate_size"],
+                rotary_dim=rotary_dim,
+                rotary_base=float(config.get("rotary_emb_base", 10000.0)),
+                gelu_approximate="tanh" if act in _GELU_TANH else "none",
+                type_vocab_size=config.get("type_vocab_size", 1),
+                layer_norm_eps=config.get("layer_norm_eps", 1e-5),
+                # RoPE has no table; the limit is the trained length, which the config states
+                # RoBERTa-style (two rows more than the usable positions: 8194 for 8192 tokens).
+                max_positions=config.get("max_position_embeddings", 8194) - (1 if pad is None else pad) - 1,
+                adapter_names=names,
+                lora_rank=rank,
+                lora_scaling=scaling,
+                default_adapter=default_adapter,
+                task_instructions=dict(instructions),
+            )
+        except KeyError as exc:
+            raise CheckpointError(f"config.json lacks {exc.args[0]!r}") from None
+
+
+def _adapters(config: dict[str, Any]) -> tuple[tuple[str, ...], int, float]:
+    """(task names, rank, scaling) from ``lora_adaptations`` / ``lora_rank`` / ``lora_alpha``."""
+    names = config.get("lora_adaptations")
+    if not names:
+        return (), 0, 1.0
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise CheckpointError(f"lora_adaptations must be a list of task names, got {names!r}")
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"lora_adaptations names a task twice: {names}")
+    rank, alpha = config.get("lora_rank", 4), config.get("lora_alpha", 1)
+    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise CheckpointError(f"lora_rank {rank!r} / lora_alpha {alpha!r} must be positive numbers")
+    return tuple(names), rank, alpha / rank
+
+
+class LoraLinear(nn.Module):
+    """A Linear with every task's low-rank delta beside it, unmerged.
+
+    lora_a: [tasks * rank, in] (task t's A in rows t*rank:(t+1)*rank)
+    lora_b: [tasks * rank, out] (task t's Bᵀ in the same rows)
+    """
+
+    def __init__(self, fan_in: int, fan_out: int, lora_width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(fan_out, fan_in))
+        self.bias = nn.Parameter(torch.empty(fan_out))
+        self.lora_a = nn.Parameter(torch.empty(lora_width, fan_in)) if lora_width else None
+        self.lora_b = nn.Parameter(torch.empty(lora_width, fan_out)) if lora_width else None
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """x: [T, in]; gate: [T, tasks * rank] or None (base weights only)."""
+        y = F.linear(x, self.weight, self.bias)
+        if gate is None:
+            return y
+        return torch.addmm(y, F.linear(x, self.lora_a) * gate, self.lora_b)
+
+    def load(self, reader: WeightReader, prefix: str, cfg: JinaXlmrConfig) -> None:
+        assign(self, "weight", _base_weight(reader, prefix))
+        assign(self, "bias", reader.get(prefix + ".bias"))
+        lora = _read_lora(reader, prefix, cfg, "linear", *reversed(self.weight.shape))
+        if lora is not None:
+            a, b = lora  # [tasks, rank, in], [tasks, out, rank]
+            assign(self, "lora_a", a.reshape(-1, a.shape[-1]))
+            assign(self, "lora_b", b.transpose(1, 2).reshape(-1, b.shape[1]))
+
+
+class LoraEmbedding(nn.Module):
+    """An embedding table with every task's low-rank delta beside it, unmerged.
+
+    lora_a: [num_embeddings, tasks * rank] (row v holds A[t][v] for every t, side by side)
+    lora_b: [tasks * rank, dim]
+    """
+
+    def __init__(self, num: int, dim: int, lora_width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num, dim))
+        self.lora_a = nn.Parameter(torch.empty(num, lora_width)) if lora_width else None
+        self.lora_b = nn.Parameter(torch.empty(lora_width, dim)) if lora_width else None
+
+    def forward(self, ids: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """ids: [T] int64; gate: [T, tasks * rank] or None. Returns [T, dim]."""
+        x = F.embedding(ids, self.weight)
+        if gate is None:
+            return x
+        return torch.addmm(x, self.lora_a[ids] * gate, self.lora_b)
+
+    def load(self, reader: WeightReader, prefix: str, cfg: JinaXlmrConfig) -> None:
+        assign(self, "weight", _base_weight(reader, prefix))
+        lora = _read_lora(reader, prefix, cfg, "embedding", *self.weight.shape)
+        if lora is not None:
+            a, b = lora  # [tasks, num, rank], [tasks, rank, dim]
+            assign(self, "lora_a", a.transpose(0, 1).reshape(a.shape[1], -1))
+            assign(self, "lora_b", b.reshape(-1, b.shape[-1]))
+
+
+def _base_weight(reader: WeightReader, prefix: str) -> torch.Tensor:
+    """The parametrized base weight, or a plain ``.weight`` in checkpoints saved without adapters."""
+    return reader.get_any(prefix + _ORIGINAL, prefix + ".weight")
+
+
+def _read_lora(
+    reader: WeightReader, prefix: str, cfg: JinaXlmrConfig, kind: str, dim0: int, dim1: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A module's stacked adapters, shape-checked; None when the model has none.
+
+    kind "linear": dim0, dim1 = in, out; "embedding": dim0, dim1 = num_embeddings, dim.
+    """
+    names = (prefix + _LORA_A, prefix + _LORA_B)
+    if not cfg.adapter_names:
+        if any(n in reader for n in names):
+            raise CheckpointError(
+                f"the checkpoint holds task adapters ({names[0]}) but config.json has no lora_adaptations naming them"
+            )
+        return None
+    tasks, rank = len(cfg.adapter_names), cfg.lora_rank
+    if kind == "linear":
+        expected = ((tasks, rank, dim0), (tasks, dim1, rank))
+    else:
+        expected = ((tasks, dim0, rank), (tasks, rank, dim1))
+    tensors = []
+    for name, shape in zip(names, expected, strict=True):
+        if name not in reader:
+            raise CheckpointError(f"config.json lists lora_adaptations but the checkpoint has no {name!r}")
+        tensor = reader.get(name)
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(
+                f"{name} has shape {tuple(tensor.shape)}, expected {shape} ({tasks} lora_adaptations, "
+                f"lora_rank {rank})"
+            )
+        tensors.append(tensor)
+    return tensors[0], tensors[1]
+
+
+class JinaEmbeddings(nn.Module):
+    """Word + token-type embeddings (no position table), then ``emb_ln``."""
+
+    def __init__(self, cfg: JinaXlmrConfig):
+        super().__init__()
+        self.word = LoraEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.lora_width)
+        self.token_type = (
+            LoraEmbedding(cfg.type_vocab_size, cfg.hidden_size, cfg.lora_width) if cfg.type_vocab_size else None
+        )
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, batch: PackedBatch, gate: torch.Tensor | None) -> torch.Tensor:
+        x = self.word(batch.input_ids, gate)
+        if self.token_type is not None:
+            types = batch.token_type_ids
+            if types is None:
+                types = torch.zeros_like(batch.input_ids)
+            x = x + self.token_type(types, gate)
+        return self.norm(x)
+
+    def load(self, reader: WeightReader, prefix: str, cfg: JinaXlmrConfig) -> None:
+        self.word.load(reader, prefix + "embeddings.word_embeddings", cfg)
+        if self.token_type is not None:
+            self.token_type.load(reader, prefix + "embeddings.token_type_embeddings", cfg)
+        load_layer_norm(self.norm, reader, prefix + "emb_ln")
+
+
+def rotary_inv_freq(cfg: JinaXlmrConfig) -> torch.Tensor:
+    """[rotary_dim / 2] fp32 inverse frequencies, base ** (-2i / rotary_dim)."""
+    dim = cfg.rotary_dim
+    return 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
+def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, 1, rotary_dim / 2] in fp32 for the packed tokens' positions."""
+    angles = positions.to(torch.float32).unsqueeze(1) * inv_freq
+    return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on the first rotary_dim channels of x [T, H, D], computed in fp32."""
+    rotary_dim = 2 * cos.shape[-1]
+    x1, x2 = x[..., :rotary_dim].float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    if rotary_dim == x.shape[-1]:
+        return rotated
+    return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
+
+
+class JinaLayer(nn.Module):
+    """Post-LN block with fused Wqkv, RoPE on q and k, and LoRA on all four Linears."""
+
+    def __init__(self, cfg: JinaXlmrConfig):
+        super().__init__()
+        h, width = cfg.hidden_size, cfg.lora_width
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.head_dim
+        self.qkv = LoraLinear(h, 3 * h, width)
+        self.attn_out = LoraLinear(h, h, width)
+        self.attn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.ffn_in = LoraLinear(h, cfg.intermediate_size, width)
+        self.ffn_out = LoraLinear(cfg.intermediate_size, h, width)
+        self.ffn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.gelu_approximate = cfg.gelu_approximate
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: PackedBatch,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        gate: torch.Tensor | None,
+    ) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, k, v = self.qkv(x, gate).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        attn = varlen_attention(q, k, v, batch).reshape(tokens, -1)
+        x = self.attn_norm(x + self.attn_out(attn, gate))
+        hidden = F.gelu(self.ffn_in(x, gate), approximate=self.gelu_approximate)
+        return self.ffn_norm(x + self.ffn_out(hidden, gate))
+
+    def load(self, reader: WeightReader, prefix: str, cfg: JinaXlmrConfig) -> None:
+        self.qkv.load(reader, prefix + "mixer.Wqkv", cfg)
+        self.attn_out.load(reader, prefix + "mixer.out_proj", cfg)
+        load_layer_norm(self.attn_norm, reader, prefix + "norm1")
+        self.ffn_in.load(reader, prefix + "mlp.fc1", cfg)
+        self.ffn_out.load(reader, prefix + "mlp.fc2", cfg)
+        load_layer_norm(self.ffn_norm, reader, prefix + "norm2")
+
+
+class JinaXlmrEncoder(nn.Module):
+    """Token ids → final hidden states [total_tokens, hidden] over a PackedBatch, each input with
+    its task adapter (``batch.adapters``)."""
+
+    family = "jina-xlm-roberta"
+
+    def __init__(self, cfg: JinaXlmrConfig):
+        super().__init__()
+        self.config = cfg
+        self.hidden_size = cfg.hidden_size
+        self.max_positions = cfg.max_positions
+        self.adapter_names = cfg.adapter_names
+        # task → instruction prefix as the config states it (jina-embeddings-v3's task_instructions)
+        self.task_instructions = dict(cfg.task_instructions)
+        self._adapter_index = {name: i for i, name in enumerate(cfg.adapter_names)}
+        self.embeddings = JinaEmbeddings(cfg)
+        self.layers = nn.ModuleList(JinaLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.register_buffer("inv_freq", rotary_inv_freq(cfg), persistent=False)
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        gate = self.lora_gate(batch)
+        rotary = rotary_tables(batch.positions, self.inv_freq)
+        x = self.embeddings(batch, gate)
+        for layer in self.layers:
+            x = layer(x, batch, rotary, gate)
+        return x
+
+    def lora_gate(self, batch: PackedBatch) -> torch.Tensor | None:
+        """[total_tokens, tasks * rank]: the LoRA scaling in the columns of each token's adapter and
+        zeros elsewhere; None when no token uses an adapter. Raises ValueError for an adapter name
+        the model does not have."""
+        cfg = self.config
+        default = cfg.default_adapter
+        wanted = [batch.adapters[i] if i < len(batch.adapters) else None for i in range(batch.num_seqs)]
+        wanted = [default if name is None else name for name in wanted]
+        if all(name is None for name in wanted):
+            return None
+        unknown = sorted({n for n in wanted if n is not None and n not in self._adapter_index})
+        if unknown:
+            known = ", ".join(cfg.adapter_names) or "none"
+            raise ValueError(f"task adapter(s) {unknown} not in this model (adapters: {known})")
+        rank = cfg.lora_rank
+        per_sequence = torch.zeros(batch.num_seqs, cfg.lora_width, dtype=self.inv_freq.dtype)
+        for i, name in enumerate(wanted):
+            if name is not None:
+                task = self._adapter_index[name]
+                per_sequence[i, task * rank : (task + 1) * rank] = cfg.lora_scaling
+        device = batch.device
+        lengths = torch.tensor(batch.seq_lens, device=device)
+        dtype = self.embeddings.norm.weight.dtype
+        return per_sequence.to(device=device, dtype=dtype).repeat_interleave(
+            lengths, dim=0, output_size=batch.total_tokens
+        )
+
+    @classmethod
+    def from_checkpoint(cls, config: dict[str, Any], reader: WeightReader) -> JinaXlmrEncoder:
+        """Build on the meta device, then fill every parameter from ``reader`` (no random init)."""
+        cfg = JinaXlmrConfig.from_hf(config)
+        with torch.device("meta"):
+            model = cls(cfg)
+        prefix = find_prefix(reader.keys(), "emb_ln.weight")
+        model.embeddings.load(reader, prefix, cfg)
+        for i, layer in enumerate(model.layers):
+            layer.load(reader, f"{prefix}encoder.layers.{i}.", cfg)
+        model.inv_freq = rotary_inv_freq(cfg).to(reader.device)
+        model.weight_prefix = prefix
+        return model.eval()
