@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 TASKS = ("text_embedding", "sparse_embedding", "rerank")
 
@@ -40,6 +41,10 @@ class CatalogEntry:
     # multi-task models: task name → instruction prefix, and the task used when a request names none
     tasks: dict[str, str] = field(default_factory=dict)
     default_task: str | None = None
+    # Recognition of a model directory served under another id: config.json values (a callable
+    # tests the value) that all must match, or the directory's name (e.g. the HF repo name).
+    config_match: dict[str, Any] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
     # rerank: the query's token cap, and sliding windows (with this overlap) over long documents
     max_query_tokens: int | None = None
     rerank_windows: bool = False
@@ -76,6 +81,29 @@ def register(entry: CatalogEntry) -> CatalogEntry:
 
 def lookup(model_id: str) -> CatalogEntry | None:
     return CATALOG.get(model_id)
+
+
+def recognise(config: dict[str, Any], directory_name: str) -> CatalogEntry | None:
+    """The catalog entry a model directory is, from its config.json or its folder name."""
+    for entry in CATALOG.values():
+        if entry.config_match and all(_matches(config.get(k), v) for k, v in entry.config_match.items()):
+            return entry
+    name = directory_name.lower()
+    for entry in CATALOG.values():
+        if name == entry.id or name in entry.aliases:
+            return entry
+    return None
+
+
+def _matches(value: Any, expected: Any) -> bool:
+    if callable(expected):
+        return value is not None and bool(expected(value))
+    return value == expected
+
+
+def _auto_map_names(fragment: str):
+    """A config_match test: some ``auto_map`` target mentions ``fragment``."""
+    return lambda auto_map: isinstance(auto_map, dict) and any(fragment in str(v) for v in auto_map.values())
 
 
 def starter_entries() -> list[CatalogEntry]:
@@ -120,6 +148,8 @@ register(
         max_query_tokens=512,
         rerank_windows=True,
         window_overlap_tokens=80,
+        config_match={"architectures": lambda a: "XLMRobertaForSequenceClassification" in a, "hidden_size": 768,
+                      "num_hidden_layers": 12, "max_position_embeddings": 1026, "vocab_size": 250002},
     )
 )
 
@@ -145,6 +175,7 @@ register(
         matryoshka_dimensions=(32, 64, 128, 256, 512, 768, 1024),
         tasks=dict(JINA_V5_TASKS),
         default_task="retrieval",
+        config_match={"model_type": "jina_embeddings_v5", "hidden_size": 1024},
     )
 )
 
@@ -164,6 +195,7 @@ register(
         matryoshka_dimensions=(32, 64, 128, 256, 512, 768),
         tasks=dict(JINA_V5_TASKS),
         default_task="retrieval",
+        config_match={"model_type": "jina_embeddings_v5", "hidden_size": 768},
     )
 )
 
@@ -195,6 +227,7 @@ register(
         # and land in the space that retrieval.query vectors search; the same choice as v5's
         # "retrieval" + "document" defaults.
         default_task="retrieval.passage",
+        config_match={"architectures": lambda a: "XLMRobertaLoRA" in a, "lora_adaptations": bool},
     )
 )
 
@@ -214,6 +247,7 @@ register(
         # still applies (the text tower's default_lora_task), with no prefix, as encode_text does.
         tasks={"retrieval.query": JINA_V3_QUERY_INSTRUCTION},
         default_task=None,
+        config_match={"model_type": "jina_clip"},
     )
 )
 
@@ -230,6 +264,7 @@ register(
         # The card says inputs without a prefix embed worse; a request naming no prompt is taken as
         # a passage, like the v3/v5 entries' document defaults.
         default_prompt_name="passage",
+        aliases=("multilingual-e5-large", "intfloat-multilingual-e5-large"),
     )
 )
 
@@ -242,5 +277,6 @@ register(
         "uncased WordPiece vocabulary (weights: Elastic's .pt/.vocab.json/.metadata.json via `infercore models "
         "import`, or a BertForMaskedLM directory)",
         max_input_tokens=512,
+        aliases=("elser_model_2_linux-x86_64", ".elser_model_2", "elser-2"),
     )
 )

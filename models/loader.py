@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .catalog import CatalogEntry, lookup
+from .catalog import CatalogEntry, lookup, recognise
 from .checkpoint import CheckpointError, open_weights
 from .eland import materialize_eland
 from .embedding import DenseLayer, EmbeddingModel
@@ -171,6 +171,10 @@ def load_model(
     path = materialize_eland(path) or path
     spec = read_model_dir(path)
     entry = lookup(model_id) or lookup(spec.settings.get("catalog_id", ""))
+    if entry is None and "catalog_id" not in spec.settings:
+        entry = recognise(spec.config, spec.path.name)
+        if entry is not None:
+            log.info("model %s: %s is recognised as the catalog's %s", model_id, spec.path, entry.id)
     task = infer_task(spec, entry)
     require_served_task(task, spec.path)
     family = family_for_config(spec.config)

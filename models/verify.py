@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .catalog import lookup
+from .catalog import lookup, recognise
 from .checkpoint import CheckpointError
 from .eland import materialize_eland
 from .families import family_for_config
@@ -42,7 +42,12 @@ def verify_model_dir(path: str | Path, model_id: str | None = None, load: bool =
         report.facts.append(f"weights: {', '.join(f.name for f in spec.weight_files)}")
         family = family_for_config(spec.config)
         report.family = family.name
-        report.task = infer_task(spec, lookup(report.model_id))
+        entry = lookup(report.model_id) or lookup(spec.settings.get("catalog_id", "")) or recognise(
+            spec.config, spec.path.name
+        )
+        if entry is not None and entry.id != report.model_id:
+            report.facts.append(f"catalog: recognised as {entry.id}")
+        report.task = infer_task(spec, entry)
         require_served_task(report.task, spec.path)
         tokenizer = TextTokenizer.from_file(spec.tokenizer_file, max_input_tokens=1 << 20)
         report.facts.append(f"tokenizer: {tokenizer.vocab_size} tokens")

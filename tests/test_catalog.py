@@ -99,3 +99,40 @@ def test_a_default_task_must_be_one_of_the_tasks(tiny_bert_dir, tmp_path):
     with pytest.raises(CheckpointError, match="default task 'b'"):
         load_model("d", path, device="cpu")
 
+
+
+# ---- recognising a catalog model served under another id ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "name", "expected"),
+    [
+        ({"model_type": "jina_embeddings_v5", "hidden_size": 1024}, "x", "jina-embeddings-v5-text-small"),
+        ({"model_type": "jina_embeddings_v5", "hidden_size": 768}, "x", "jina-embeddings-v5-text-nano"),
+        ({"architectures": ["XLMRobertaLoRA"], "lora_adaptations": ["retrieval.query"]}, "x", "jina-embeddings-v3"),
+        ({"model_type": "jina_clip"}, "x", "jina-clip-v2"),
+        ({"architectures": ["XLMRobertaForSequenceClassification"], "hidden_size": 768, "num_hidden_layers": 12,
+          "max_position_embeddings": 1026, "vocab_size": 250002}, "x", "jina-reranker-v2-base-multilingual"),
+        ({"model_type": "xlm-roberta"}, "multilingual-e5-large", "microsoft-multilingual-e5-large"),
+        ({"model_type": "bert"}, "all-minilm-l6-v2", "all-minilm-l6-v2"),
+        ({"architectures": ["XLMRobertaLoRA"]}, "x", None),  # no adapters: not v3
+        ({"model_type": "xlm-roberta", "hidden_size": 1024}, "xlm-roberta-large", None),
+    ],
+)
+def test_catalog_models_are_recognised_from_their_config_or_folder_name(config, name, expected):
+    from infercore.models.catalog import recognise
+
+    entry = recognise(config, name)
+    assert (entry.id if entry else None) == expected
+
+
+def test_a_directory_named_like_a_catalog_model_gets_its_settings(tiny_bert_dir, tmp_path):
+    path = tmp_path / "multilingual-e5-large"
+    shutil.copytree(tiny_bert_dir, path)
+    (path / "config_sentence_transformers.json").unlink()  # no prompts of its own
+    model = load_model("my-e5", path, device="cpu")
+    assert model.catalog.id == "microsoft-multilingual-e5-large"
+    assert model.prompts == {"query": "query: ", "passage": "passage: "}
+    assert model.default_prompt_name == "passage"
+    pinned = copy_with_settings(tiny_bert_dir, tmp_path / "pinned" / "multilingual-e5-large", {"catalog_id": "none"})
+    assert load_model("pinned", pinned, device="cpu").catalog is None  # an explicit catalog_id wins
