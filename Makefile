@@ -72,3 +72,13 @@ $(VENV)/.bench-deps-done: $(TEST_STAMP)
 # under .cache/peers/, created on first use). Shorter: make bench-load BENCH_LOAD_ARGS=--quick
 bench-load: $(VENV)/.bench-deps-done
 	$(PY) benchmarks/bench_load.py $(BENCH_LOAD_ARGS)
+
+.PHONY: proto bench-grpc
+# Regenerate the gRPC stubs (infercore/proto/) from proto/infercore/v1/*.proto; tests/test_grpc_stubs.py
+# fails while the committed stubs are stale.
+proto: setup-test
+	$(PY) proto/generate.py
+
+# The same workload over HTTP, gRPC unary and gRPC streaming. Shorter: make bench-grpc BENCH_GRPC_ARGS=--quick
+bench-grpc: setup-test
+	$(PY) benchmarks/bench_grpc.py $(BENCH_GRPC_ARGS)

@@ -23,15 +23,29 @@ from .http import json_response
 
 log = logging.getLogger("infercore.app")
 
+# At shutdown, after the drain: what gRPC calls are left (idle streams, health watches) get this long.
+GRPC_STOP_GRACE_S = 2.0
+
 
 def create_app(engine: Engine, on_load_failure: Callable[[], None] | None = None, load: bool = True) -> Starlette:
     """The app serves at once (answering 503 while models load) and loads models in a thread."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        grpc_server = None
+        if engine.config.grpc_port is not None:
+            # On this event loop, beside HTTP; the drain (DrainingServer) covers its requests too.
+            # Started before loading, so a port that cannot be bound fails the start at once.
+            from .grpc_server import GrpcServer
+
+            grpc_server = GrpcServer(engine)
+            await grpc_server.start()
+        app.state.grpc_server = grpc_server
         if load:
             threading.Thread(target=_load, args=(engine, on_load_failure), name="model-loader", daemon=True).start()
         yield
+        if grpc_server is not None:
+            await grpc_server.stop(GRPC_STOP_GRACE_S)
         engine.shutdown()
 
     dialect_routes = [

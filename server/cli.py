@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infercore", description="Embedding, sparse and rerank inference server")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="start the HTTP server")
+    serve = commands.add_parser("serve", help="start the HTTP server (and the gRPC one with --grpc-port)")
     defaults = ServerConfig()
     serve.add_argument("--host", default=_env("host", defaults.host))
     serve.add_argument("--port", type=int, default=int(_env("port", defaults.port)))
@@ -128,6 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", default=_env("log-level", "info"), choices=["debug", "info", "warning", "error"],
     )
+    serve.add_argument(
+        "--grpc-port", type=int, default=_env("grpc-port", None),
+        help="also serve the gRPC API (infercore.v1) on this port of --host (default: off; 0 picks a free port)",
+    )
+    serve.add_argument(
+        "--grpc-stream-max-in-flight", type=_positive_int,
+        default=int(_env("grpc-stream-max-in-flight", defaults.grpc_stream_max_in_flight)),
+        help="requests of one gRPC stream in progress at once; the server reads no further until one is answered",
+    )
+    serve.add_argument(
+        "--tls-cert", type=Path, default=_env("tls-cert", None), help="PEM certificate chain of the gRPC port",
+    )
+    serve.add_argument("--tls-key", type=Path, default=_env("tls-key", None), help="PEM private key of --tls-cert")
+    serve.add_argument(
+        "--tls-client-ca", type=Path, default=_env("tls-client-ca", None),
+        help="PEM CA bundle: gRPC clients must present a certificate it signed (mutual TLS)",
+    )
 
     models = commands.add_parser("models", help="inspect model directories")
     models_commands = models.add_subparsers(dest="models_command", required=True)
@@ -180,7 +197,35 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         cpu_workers=int(args.cpu_workers) if args.cpu_workers else None,
         cpu_threads=args.cpu_threads,
         log_level=args.log_level,
+        grpc_port=_grpc_port(args.grpc_port),
+        grpc_stream_max_in_flight=args.grpc_stream_max_in_flight,
+        **_tls_files(args),
     )
+
+
+def _grpc_port(value) -> int | None:
+    if value is None or value == "":
+        return None
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--grpc-port must be a port number (0 for a free one), got {value}")
+    return port
+
+
+def _tls_files(args: argparse.Namespace) -> dict[str, Path | None]:
+    """--tls-cert/--tls-key/--tls-client-ca, checked: cert and key together, a client CA only with them."""
+    files = {"tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca}
+    files = {name: Path(path) if path else None for name, path in files.items()}
+    if (files["tls_cert"] is None) != (files["tls_key"] is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if files["tls_client_ca"] is not None and files["tls_cert"] is None:
+        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is on top of TLS)")
+    if any(files.values()) and _grpc_port(args.grpc_port) is None:
+        raise ValueError("--tls-cert, --tls-key and --tls-client-ca apply to the gRPC port: set --grpc-port")
+    for name, path in files.items():
+        if path is not None and not path.is_file():
+            raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
+    return files
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -56,6 +56,16 @@ class ServerConfig:
     cpu_workers: int | None = None
     cpu_threads: int = 1
     log_level: str = "info"
+    # gRPC front end (server/grpc_server.py) on --host: off unless a port is given (0: a free port).
+    grpc_port: int | None = None
+    # Requests of one gRPC stream in progress at once (computing or waiting to be written); the
+    # server stops reading the stream beyond it.
+    grpc_stream_max_in_flight: int = 32
+    # TLS of the gRPC port: certificate chain and key (PEM); with a client CA, clients must present a
+    # certificate it signed (mutual TLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
     def batch_token_budget(self, device_type: str, max_input_tokens: int) -> int:
         return max(self.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS[device_type], max_input_tokens)
