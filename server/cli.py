@@ -138,12 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests of one gRPC stream in progress at once; the server reads no further until one is answered",
     )
     serve.add_argument(
-        "--tls-cert", type=Path, default=_env("tls-cert", None), help="PEM certificate chain of the gRPC port",
+        "--tls-cert", type=Path, default=_env("tls-cert", None),
+        help="PEM certificate chain: HTTPS on the HTTP port, TLS on the gRPC port",
     )
     serve.add_argument("--tls-key", type=Path, default=_env("tls-key", None), help="PEM private key of --tls-cert")
     serve.add_argument(
         "--tls-client-ca", type=Path, default=_env("tls-client-ca", None),
-        help="PEM CA bundle: gRPC clients must present a certificate it signed (mutual TLS)",
+        help="PEM CA bundle: HTTP and gRPC clients must present a certificate it signed (mutual TLS); "
+        "its subject is logged as the request's tenant",
     )
 
     models = commands.add_parser("models", help="inspect model directories")
@@ -220,8 +222,6 @@ def _tls_files(args: argparse.Namespace) -> dict[str, Path | None]:
         raise ValueError("--tls-cert and --tls-key go together")
     if files["tls_client_ca"] is not None and files["tls_cert"] is None:
         raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is on top of TLS)")
-    if any(files.values()) and _grpc_port(args.grpc_port) is None:
-        raise ValueError("--tls-cert, --tls-key and --tls-client-ca apply to the gRPC port: set --grpc-port")
     for name, path in files.items():
         if path is not None and not path.is_file():
             raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
@@ -233,6 +233,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from .app import DrainingServer, create_app
     from .engine import Engine
+    from .tls import uvicorn_tls_options
 
     configure_logging(args.log_level)
     config = config_from_args(args)
@@ -251,7 +252,7 @@ def serve(args: argparse.Namespace) -> int:
     server = DrainingServer(
         uvicorn.Config(
             app, host=config.host, port=config.port, log_level=config.log_level,
-            access_log=False, lifespan="on", timeout_graceful_shutdown=5,
+            access_log=False, lifespan="on", timeout_graceful_shutdown=5, **uvicorn_tls_options(config),
         ),
         engine,
         config.drain_timeout_s,

@@ -155,8 +155,9 @@ def endpoint(
         duration = time.perf_counter() - started
         engine.metrics.observe_request(route, response.status_code, duration)
         trace = request.headers.get("traceparent")
-        log.debug("%s %s %d %.1fms%s", request.method, route, response.status_code, duration * 1e3,
-                  f" traceparent={trace}" if trace else "")
+        tenant = request.scope.get("state", {}).get("tenant")  # mutual TLS: the client certificate's subject
+        log.debug("%s %s %d %.1fms%s%s", request.method, route, response.status_code, duration * 1e3,
+                  f" traceparent={trace}" if trace else "", f" tenant={tenant}" if tenant else "")
         return response
 
     return wrapped

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -84,8 +85,11 @@ def offline_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 class ServerProcess:
     """One ``infercore serve`` subprocess. ``args`` are the serve options after host and port."""
 
-    def __init__(self, args: list[str], log_path: Path, cwd: Path, env: dict[str, str] | None = None):
+    def __init__(self, args: list[str], log_path: Path, cwd: Path, env: dict[str, str] | None = None,
+                 scheme: str = "http", verify: Any = True):
         self.args = list(args)
+        self.scheme = scheme
+        self.verify = verify  # httpx ``verify`` for polling /health over HTTPS
         self.log_path = log_path
         self.cwd = cwd
         self.env = env if env is not None else offline_env()
@@ -99,7 +103,7 @@ class ServerProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
         return [str(INFERCORE), "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args]
@@ -137,7 +141,7 @@ class ServerProcess:
         """Poll /health until 200; fail with the server's log if it exits or the time runs out."""
         assert self.proc is not None
         deadline = time.monotonic() + timeout_s
-        with httpx.Client(timeout=5.0) as client:
+        with httpx.Client(timeout=5.0, verify=self.verify, trust_env=False) as client:
             while time.monotonic() < deadline:
                 code = self.proc.poll()
                 if code is not None:
@@ -172,7 +176,8 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(args: list[str], workdir: Path, name: str, timeout_s: float = START_TIMEOUT_S) -> ServerProcess:
+def start_server(args: list[str], workdir: Path, name: str, timeout_s: float = START_TIMEOUT_S,
+                 scheme: str = "http", verify: Any = True) -> ServerProcess:
     """Start a server whose log goes to ``workdir/<name>.log`` and wait until it is healthy."""
     workdir.mkdir(parents=True, exist_ok=True)
-    return ServerProcess(args, workdir / f"{name}.log", cwd=workdir).start(timeout_s)
+    return ServerProcess(args, workdir / f"{name}.log", cwd=workdir, scheme=scheme, verify=verify).start(timeout_s)

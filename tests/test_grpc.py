@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime as dt
 import itertools
 import json
 import shutil
@@ -42,6 +41,7 @@ from infercore.server.app import create_app
 from infercore.server.config import ServerConfig
 from infercore.server.engine import Engine
 from infercore.server.grpc_server import GrpcServer
+from tests.certificates import make_certificates
 from tests.engine_harness import RunnerSpy, is_main_executor, sample, wait_for
 from tests.tiny_checkpoints import build_bert_with_head
 
@@ -522,54 +522,9 @@ def test_health_is_not_serving_while_loading_and_from_the_start_of_a_drain(tiny_
 
 # ---- TLS and mutual TLS -----------------------------------------------------------------------
 
-def _certificates(directory: Path) -> dict[str, Path]:
-    """A server CA and a certificate for 127.0.0.1/localhost; a client CA and a client certificate;
-    and a client certificate from an unrelated CA."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.timezone.utc)
-
-    def name(text: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
-
-    def issue(subject: str, issuer=None, ca: bool = False, san=None):
-        key = ec.generate_private_key(ec.SECP256R1())
-        issuer_name, issuer_key = (issuer[0].subject, issuer[1]) if issuer else (name(subject), key)
-        builder = (
-            x509.CertificateBuilder().subject_name(name(subject)).issuer_name(issuer_name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if san:
-            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return builder.sign(issuer_key, hashes.SHA256()), key
-
-    import ipaddress
-
-    def write(stem: str, cert, key) -> None:
-        (directory / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (directory / f"{stem}.key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-
-    server_ca = issue("test server CA", ca=True)
-    client_ca = issue("test client CA", ca=True)
-    other_ca = issue("unrelated CA", ca=True)
-    san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    write("server-ca", *server_ca)
-    write("client-ca", *client_ca)
-    write("server", *issue("infercore", server_ca, san=san))
-    write("client", *issue("gateway", client_ca))
-    write("stranger", *issue("stranger", other_ca))
-    return {stem: directory / f"{stem}.pem" for stem in ("server-ca", "client-ca", "server", "client", "stranger")}
-
-
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory):
-    return _certificates(tmp_path_factory.mktemp("certs"))
+    return make_certificates(tmp_path_factory.mktemp("certs"))
 
 
 def _start_tls_server(served, certificates, mutual: bool) -> GrpcServer:
@@ -712,13 +667,14 @@ def test_grpc_and_tls_flags_reach_the_config_and_bad_combinations_are_refused(tm
                     "--tls-key", str(key), "--tls-client-ca", str(ca))
     assert (parsed.grpc_port, parsed.grpc_stream_max_in_flight) == (8081, 8)
     assert (parsed.tls_cert, parsed.tls_key, parsed.tls_client_ca) == (cert, key, ca)
+    # TLS alone applies to the HTTP port
+    assert config("--tls-cert", str(cert), "--tls-key", str(key)).tls_cert == cert
     monkeypatch.setenv("INFERCORE_GRPC_PORT", "9001")
     assert config().grpc_port == 9001
     monkeypatch.delenv("INFERCORE_GRPC_PORT")
     for flags, words in [
         (["--grpc-port", "8081", "--tls-cert", str(cert)], "go together"),
         (["--grpc-port", "8081", "--tls-client-ca", str(ca)], "needs --tls-cert"),
-        (["--tls-cert", str(cert), "--tls-key", str(key)], "set --grpc-port"),
         (["--grpc-port", "8081", "--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(key)], "no such file"),
         (["--grpc-port", "70000"], "port number"),
     ]:
