@@ -49,6 +49,9 @@ class CatalogEntry:
     max_query_tokens: int | None = None
     rerank_windows: bool = False
     window_overlap_tokens: int = 80
+    # listwise rerank (jina-reranker-v3): documents per prompt block, and each document's token cap
+    rerank_block_documents: int | None = None
+    max_document_tokens: int | None = None
 
     def starter_path(self) -> Path | None:
         """The model directory inside the starter package, or None if the package is not installed."""
@@ -278,5 +281,24 @@ register(
         "import`, or a BertForMaskedLM directory)",
         max_input_tokens=512,
         aliases=("elser_model_2_linux-x86_64", ".elser_model_2", "elser-2"),
+    )
+)
+
+# jina-reranker-v3 (JinaForRanking): Qwen3-0.6B with an MLP projector, listwise. The published rerank() cuts
+# the query to 512 tokens and documents to 2048, and puts up to 125 documents in one prompt of the model's
+# 131072-token context (reference/models_arch.md §8).
+register(
+    CatalogEntry(
+        id="jina-reranker-v3",
+        task="rerank",
+        family="qwen3",
+        description="jinaai/jina-reranker-v3: Qwen3-0.6B listwise reranker: the query and up to 125 documents in "
+        "one causal prompt, each scored by the cosine of its special token's projected state with the query's; "
+        "documents cut to 2048 tokens, the query to 512, prompts up to 131072 tokens",
+        max_input_tokens=131072,
+        max_query_tokens=512,
+        rerank_block_documents=125,
+        max_document_tokens=2048,
+        config_match={"architectures": lambda a: "JinaForRanking" in a},
     )
 )

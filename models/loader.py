@@ -20,6 +20,7 @@ from .eland import materialize_eland
 from .embedding import DenseLayer, EmbeddingModel
 from .families import Family, family_for_config
 from .layers import WeightReader
+from .listwise import BLOCK_DOCUMENTS, MAX_DOCUMENT_TOKENS, ListwiseReranker, has_listwise_head
 from .model_dir import ModelDirSpec, read_model_dir
 from .packing import pack_sequences
 from .rerank import RerankModel, load_classifier_head
@@ -45,7 +46,7 @@ class ServedModel:
     family: str
     path: Path
     tokenizer: TextTokenizer
-    runner: EmbeddingModel | SparseEmbeddingModel | RerankModel
+    runner: EmbeddingModel | SparseEmbeddingModel | RerankModel | ListwiseReranker
     max_input_tokens: int
     dimensions: int
     device: torch.device
@@ -135,12 +136,21 @@ def build_runner(
     encoder: torch.nn.Module,
     reader: WeightReader,
     device: torch.device,
-) -> EmbeddingModel | SparseEmbeddingModel | RerankModel:
+) -> EmbeddingModel | SparseEmbeddingModel | RerankModel | ListwiseReranker:
     """The task's head on top of the encoder."""
     if task == "sparse_embedding":
         if family.mlm_head is None:
             raise CheckpointError(f"{spec.path}: the {family.name} family has no masked-LM head for sparse embedding")
         return SparseEmbeddingModel(encoder, family.mlm_head(encoder, reader))
+    if task == "rerank" and has_listwise_head(encoder, reader):
+        settings = spec.settings
+        return ListwiseReranker.from_checkpoint(
+            encoder, reader, spec.tokenizer_file,
+            block_documents=int(settings.get("rerank_block_documents")
+                                or (entry and entry.rerank_block_documents) or BLOCK_DOCUMENTS),
+            max_document_tokens=int(settings.get("max_document_tokens")
+                                    or (entry and entry.max_document_tokens) or MAX_DOCUMENT_TOKENS),
+        )
     if task == "rerank":
         return RerankModel(encoder, load_classifier_head(encoder, reader, spec.config))
     pooling = spec.pooling or (entry.pooling if entry else None) or "mean"

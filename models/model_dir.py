@@ -28,6 +28,8 @@ SETTINGS_KEYS = {
     "include_prompt", "matryoshka_dimensions", "catalog_id",
     # rerank: query cap in tokens, sliding windows over long documents, their overlap in tokens
     "max_query_tokens", "rerank_windows", "window_overlap_tokens",
+    # listwise rerank: documents per prompt block, and each document's token cap
+    "rerank_block_documents", "max_document_tokens",
     # multi-task models: {task: instruction prefix} and the default task
     "tasks", "default_task",
     # ISO date after which requests to the model are refused (410)

@@ -83,6 +83,7 @@ class RerankModel:
     executor threads of one model share it."""
 
     task = "rerank"
+    kind = "cross-encoder"
     pooling = "cls"
     dimensions = 1
 

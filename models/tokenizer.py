@@ -206,6 +206,10 @@ class TextTokenizer:
             result.append(row)
         return result
 
+    def encode_ids(self, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+        """Token ids of whole texts, untruncated (GIL released); the caller bounds their length."""
+        return [enc.ids for enc in self._tok.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

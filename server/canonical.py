@@ -46,7 +46,8 @@ class SparseEmbedRequest:
 @dataclass(frozen=True)
 class RerankRequest:
     """Score ``documents`` against ``query``; sigmoid of the cross-encoder's logit unless
-    ``raw_scores``. ``truncate`` None: the model's default (windows for models that use them)."""
+    ``raw_scores`` (a listwise model's cosine either way). ``truncate`` None: the model's default
+    (windows for models that use them; cuts at a listwise model's caps)."""
 
     query: str
     documents: list[str]

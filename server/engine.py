@@ -24,6 +24,7 @@ import numpy as np
 
 from ..models.checkpoint import CheckpointError
 from ..models.embedding import EmbedOptions
+from ..models.listwise import ListwiseReranker
 from ..models.loader import ServedModel, load_model
 from ..models.repository import resolve_sources
 from ..models.sparse import SparseOptions
@@ -388,7 +389,8 @@ class Engine:
 
     async def rerank(self, request: RerankRequest) -> RerankResult:
         """Cross-encoder scores of every document against the query (max over a long document's
-        windows), or with the bi-encoder stand-in the cosine of their embeddings; best first."""
+        windows), a listwise model's cosines, or with the bi-encoder stand-in the cosine of their
+        embeddings; best first."""
         started = time.perf_counter()
         with self.admission():
             target = self.resolve_reranker(request.model)
@@ -398,6 +400,8 @@ class Engine:
             lane = request.priority or "search"  # reranking happens at query time
             if isinstance(target, BiEncoderReranker):
                 scores, truncated, tokens, stages = await self._bi_encoder_scores(target, request, lane, deadline)
+            elif isinstance(target.model.runner, ListwiseReranker):
+                scores, truncated, tokens, stages = await self._listwise_scores(target, request, lane, deadline)
             else:
                 scores, truncated, tokens, stages = await self._cross_encoder_scores(target, request, lane, deadline)
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
@@ -463,6 +467,43 @@ class Engine:
         stages = (tokenized_at - started, max(r.queue_s for r in results), max(r.inference_s for r in results))
         self.metrics.observe_inference(model.id, lane, len(results), tokens, *stages)
         return scores, truncated, tokens, stages
+
+    async def _listwise_scores(
+        self, handle: ModelHandle, request: RerankRequest, lane: str, deadline: float
+    ) -> tuple[list[float], list[bool], int, tuple[float, float, float]]:
+        """A listwise model (jina-reranker-v3): the documents in blocks, each block one prompt with the
+        query and one work item; the blocks' vectors merged as published (models/listwise.py).
+
+        Scores are cosines in [-1, 1], the model's published relevance scores, so ``raw_scores``
+        changes nothing. Query and documents are cut to the model's caps unless the request says
+        ``"truncate": false``, which makes text over a cap a 413.
+        """
+        model = handle.model
+        runner = model.runner
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            layout = await loop.run_in_executor(
+                self._tokenizer_pool, runner.build_blocks, model.tokenizer, request.query, request.documents,
+                model.max_query_tokens, model.max_input_tokens, request.truncate is not False,
+            )
+        except InputTooLong as exc:
+            what = f"document {exc.index}" if exc.index >= 0 else "the query"
+            if exc.limit < model.max_input_tokens:  # over its cap, and the request said "truncate": false
+                raise PayloadTooLarge(
+                    f"{what} is {exc.tokens} tokens, more than this model's {exc.limit}; send \"truncate\": true"
+                ) from None
+            raise PayloadTooLarge(
+                f"{what} does not fit this model's {exc.limit}-token prompt ({exc.tokens} tokens with the prompt)"
+            ) from None
+        tokenized_at = time.perf_counter()
+        tokenized = [block.tokens for block in layout.blocks]
+        results = await self._compute(handle, tokenized, [block.options for block in layout.blocks], lane, deadline)
+        scores = runner.merge_blocks([r.value for r in results])
+        tokens = sum(len(t) for t in tokenized)
+        stages = (tokenized_at - started, max(r.queue_s for r in results), max(r.inference_s for r in results))
+        self.metrics.observe_inference(model.id, lane, len(results), tokens, *stages)
+        return scores, layout.truncated, tokens, stages
 
     async def _bi_encoder_scores(
         self, reranker: BiEncoderReranker, request: RerankRequest, lane: str, deadline: float

@@ -277,7 +277,7 @@ def model_info(handle: ModelHandle) -> dict:
         "dtype": str(model.dtype).removeprefix("torch."),
         "device": str(model.device),
         **(
-            {"kind": "cross-encoder", "max_query_tokens": model.max_query_tokens,
+            {"kind": model.runner.kind, "max_query_tokens": model.max_query_tokens,
              "rerank_windows": model.rerank_windows, "window_overlap_tokens": model.window_overlap_tokens}
             if model.task == "rerank" else {}
         ),
