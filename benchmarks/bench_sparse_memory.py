@@ -5,8 +5,8 @@ term weights, ``max over tokens of log1p(relu(hidden · decoder_weight + bias))`
 same random inputs (hidden [T, H], decoder weight [V, H], bias [V], written once to a file that
 every path loads):
 
-- fused:        ``kernels.splade_pool.splade_pool``: the chunked reference on CPU, the Triton
-                kernel on CUDA. Holds at most a chunk of tokens' logits.
+- fused:        ``kernels.splade_pool.splade_pool``: the tiled reference on CPU, the Triton kernel
+                on CUDA. Holds at most a tile of logits.
 - naive packed: ``F.linear`` over the packed tokens → [T, V] logits, then sentence-transformers'
                 ``SpladePooling`` on those flat logits (its unpadded path: relu → log1p → max per
                 sequence), which is also what TEI's flash path does.
@@ -14,14 +14,16 @@ every path loads):
                 transformers' ``BertForMaskedLM`` returns), then ``SpladePooling`` on the padded
                 logits and attention mask (mask multiply, relu_, log1p_, max over S).
 
-Each path runs in its own fresh subprocess: load inputs, one small warm-up call, then the baseline
-is taken and the path is timed ``--repeats`` times (median reported). Peak memory is the growth over
-that baseline: on CPU the peak RSS (VmHWM, reset to the current RSS through /proc/self/clear_refs)
-minus the RSS at the baseline; on CUDA ``torch.cuda.max_memory_allocated`` minus
-``memory_allocated``. Inputs themselves (including the padded copy) are in the baseline; the
-[B, V] result is in every path's growth. Tokens/s counts real tokens, padding excluded. "vs fused"
-columns are path / fused (memory: how many times more; tokens/s: below 1 is slower). Outputs must
-agree with the fused path's.
+Each path runs in its own fresh subprocess: load inputs, one untimed full-size warm-up call (thread
+pools, BLAS kernels, Triton compilation), then the baseline is taken and the path is timed
+``--repeats`` times (median reported). Peak memory is the growth over that baseline: on CPU the peak
+RSS (VmHWM, reset to the current RSS through /proc/self/clear_refs) minus the RSS at the baseline; on
+CUDA ``torch.cuda.max_memory_allocated`` minus ``memory_allocated``. On CPU the subprocesses run with
+glibc's mmap threshold pinned (``MALLOC_MMAP_THRESHOLD_``), so blocks the warm-up freed leave the RSS
+instead of being reused unseen by the timed runs. Inputs themselves (including the padded copy) are
+in the baseline; the [B, V] result is in every path's growth. Tokens/s counts real tokens, padding
+excluded. "vs fused" columns are path / fused (memory: how many times more; tokens/s: below 1 is
+slower). Outputs must agree with the fused path's.
 
 Default shape: 64 sequences x 512 tokens (all full length, so the padded layout has no padding;
 ``--min-len`` mixes lengths), vocab 30522 and hidden 768 (ELSER / BERT-base). The naive paths hold
@@ -36,7 +38,6 @@ Writes benchmarks/results/bench_sparse_memory.json.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -50,9 +51,11 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = ("fused", "naive packed", "naive padded")
 QUICK = {"seqs": 16, "seq_len": 128, "repeats": 2}
-WARMUP_TOKENS = 16  # per sequence, first two sequences
+# Blocks from 64 KiB up are mmapped and returned on free (glibc's default threshold adapts upward).
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 10)}
 MAX_ABS_DIFF = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
 MIB = 1 << 20
+NOISY_SPREAD = 1.3  # slowest / fastest repeat of one path above this: the machine was not quiet
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -115,49 +118,38 @@ def run_child(args: argparse.Namespace) -> int:
     cu_seqlens[1:] = torch.cumsum(torch.tensor(lengths), 0)
     cu_seqlens = cu_seqlens.to(device)
 
-    def padded_layout(hidden: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, S, H] zero-padded on the right and the [B, S] 0/1 attention mask."""
-        width = max(lengths)
-        slots = torch.cat([torch.arange(i * width, i * width + n) for i, n in enumerate(lengths)]).to(device)
-        padded = hidden.new_zeros(len(lengths) * width, hidden.shape[1])
-        padded[slots] = hidden
-        mask = torch.zeros(len(lengths) * width, dtype=torch.int64, device=device)
-        mask[slots] = 1
-        return padded.view(len(lengths), width, -1), mask.view(len(lengths), width)
-
     if args.child == "fused":
-        def make(hidden, lengths, cu_seqlens):
-            return lambda: splade_pool(hidden, weight, bias, cu_seqlens)
+        def run() -> torch.Tensor:
+            return splade_pool(hidden, weight, bias, cu_seqlens)
     else:
         from sentence_transformers.sparse_encoder.modules import SpladePooling
 
         pooling = SpladePooling(pooling_strategy="max").eval()
         if args.child == "naive packed":
-            def make(hidden, lengths, cu_seqlens):
-                def run():
-                    logits = F.linear(hidden, weight, bias).unsqueeze(0)
-                    return pooling({"token_embeddings": logits, "cu_seq_lens_q": cu_seqlens})["sentence_embedding"]
-                return run
+            def run() -> torch.Tensor:
+                logits = F.linear(hidden, weight, bias).unsqueeze(0)  # [1, T, V]
+                return pooling({"token_embeddings": logits, "cu_seq_lens_q": cu_seqlens})["sentence_embedding"]
         else:
-            def make(hidden, lengths, cu_seqlens):
-                padded, mask = padded_layout(hidden, lengths)
+            # The padded layout, [B, S, H] zero-padded on the right, and the [B, S] 0/1 attention mask.
+            width = max(lengths)
+            slots = torch.cat([torch.arange(i * width, i * width + n) for i, n in enumerate(lengths)]).to(device)
+            padded = hidden.new_zeros(len(lengths) * width, hidden.shape[1])
+            padded[slots] = hidden
+            padded = padded.view(len(lengths), width, -1)
+            mask = torch.zeros(len(lengths) * width, dtype=torch.int64, device=device)
+            mask[slots] = 1
+            mask = mask.view(len(lengths), width)
 
-                def run():
-                    logits = F.linear(padded, weight, bias)
-                    return pooling({"token_embeddings": logits, "attention_mask": mask})["sentence_embedding"]
-                return run
+            def run() -> torch.Tensor:
+                logits = F.linear(padded, weight, bias)  # [B, S, V]
+                return pooling({"token_embeddings": logits, "attention_mask": mask})["sentence_embedding"]
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     with torch.inference_mode():
-        # Warm-up on two short sequences: thread pools, BLAS scratch, Triton compilation.
-        warm_lengths = [min(n, WARMUP_TOKENS) for n in lengths[:2]]
-        warm_rows = torch.cat([torch.arange(s, s + n) for s, n in zip(cu_seqlens.tolist(), warm_lengths)])
-        warm_cu = torch.tensor([0, *itertools.accumulate(warm_lengths)], dtype=torch.int32)
-        make(hidden[warm_rows.to(device)], warm_lengths, warm_cu.to(device))()
-        run = make(hidden, lengths, cu_seqlens)  # builds the padded copy, if any, before the baseline
+        run()  # warm-up
         sync()
 
         if device.type == "cuda":
@@ -195,6 +187,7 @@ def main() -> int:
 
     from infercore.kernels import splade_pool as splade_module
 
+    load_at_start = os.getloadavg()
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -224,13 +217,14 @@ def main() -> int:
                 sys.executable, str(Path(__file__).resolve()), "--child", path, "--inputs", str(inputs_file),
                 "--result", str(result_file), "--threads", str(args.threads), "--repeats", str(args.repeats),
             ]
-            done = subprocess.run(command, capture_output=True, text=True)
+            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **CHILD_ENV})
             if done.returncode != 0:
                 print(f"{path}: failed (exit {done.returncode})\n{done.stderr[-4000:]}", file=sys.stderr)
                 return 1
             side = json.loads(done.stdout.strip().splitlines()[-1])
             median = statistics.median(side["times_s"])
-            side.update(median_s=median, tokens_per_s=tokens / median, peak_growth_mib=side["peak_growth_bytes"] / MIB)
+            side.update(median_s=median, min_s=min(side["times_s"]), tokens_per_s=tokens / median,
+                        peak_growth_mib=side["peak_growth_bytes"] / MIB)
             sides[path] = side
             outputs[path] = torch.load(result_file)
 
@@ -240,7 +234,10 @@ def main() -> int:
         side["memory_vs_fused"] = side["peak_growth_bytes"] / max(fused["peak_growth_bytes"], 1)
         side["tokens_per_s_vs_fused"] = side["tokens_per_s"] / fused["tokens_per_s"]
     agree = all(side["max_abs_diff_vs_fused"] <= MAX_ABS_DIFF[args.dtype] for side in sides.values())
-    fused_impl = "Triton kernel" if device == "cuda" else f"chunked reference, {splade_module.CHUNK_TOKENS} tokens"
+    fused_impl = (
+        "Triton kernel" if device == "cuda"
+        else f"tiled reference, {splade_module.CHUNK_TOKENS} tokens x {splade_module.VOCAB_BLOCK} terms"
+    )
 
     print(f"sparse expansion on {device} ({args.dtype}): {args.seqs} sequences, {tokens} tokens "
           f"(lengths {min(lengths)}-{max(lengths)}), vocab {args.vocab}, hidden {args.hidden}, "
@@ -255,6 +252,11 @@ def main() -> int:
     if not all(side["peak_reset"] for side in sides.values()):
         print("WARNING: could not reset the peak RSS (/proc/self/clear_refs); CPU peaks include loading the inputs")
     print(f"outputs agree (max |diff| <= {MAX_ABS_DIFF[args.dtype]}): {'ok' if agree else 'FAIL'}")
+    spread = max(max(side["times_s"]) / min(side["times_s"]) for side in sides.values())
+    if spread > NOISY_SPREAD:
+        print(f"WARNING: repeats of one path differ by {spread:.2f}x: other processes were competing for the cores "
+              "(the fused path's many short parallel regions stall worst when a worker is descheduled); "
+              "rerun on a quiet machine")
     load = os.getloadavg()
     print(f"load average at the end: {load[0]:.2f} (1 min), {load[1]:.2f} (5 min) on {os.cpu_count()} cores")
 
@@ -280,7 +282,9 @@ def main() -> int:
             "cpu_count": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),
             "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+            "load_average_at_start": load_at_start,
             "load_average_at_end": load,
+            "worst_repeat_spread": spread,
         },
     }, indent=2))
     print(f"wrote {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out}")

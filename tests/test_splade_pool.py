@@ -19,8 +19,9 @@ from infercore.kernels import splade_pool as splade_module
 from infercore.kernels.splade_pool import splade_pool, splade_pool_reference, splade_pool_triton
 
 ATOL = RTOL = 1e-5
-# Small blocks, so that a handful of tokens and columns already spans several of each.
+# Small blocks and tiles, so that a handful of tokens and columns already spans several of each.
 SMALL_BLOCKS = {"block_t": 16, "block_v": 64, "block_k": 16}
+SMALL_TILES = {"chunk_tokens": 16, "vocab_block": 96}
 
 
 def _inputs(
@@ -68,7 +69,7 @@ def test_kernel_and_reference_match_naive_full_logits(case: str, with_bias: bool
     hidden, weight, bias, cu_seqlens = _inputs(lengths, hidden_size, vocab, with_bias)
     expected = _naive(hidden, weight, bias, cu_seqlens)
 
-    reference = splade_pool_reference(hidden, weight, bias, cu_seqlens, chunk_tokens=16)
+    reference = splade_pool_reference(hidden, weight, bias, cu_seqlens, **SMALL_TILES)
     kernel = splade_pool_triton(hidden, weight, bias, cu_seqlens, **SMALL_BLOCKS)
 
     for got in (reference, kernel):
@@ -99,7 +100,7 @@ def test_all_negative_logits_give_a_zero_row_and_do_not_leak_across_sequences():
     cu_seqlens = torch.tensor([0, 6, 15, 18], dtype=torch.int32)
 
     for got in (
-        splade_pool_reference(hidden, weight, None, cu_seqlens, chunk_tokens=4),
+        splade_pool_reference(hidden, weight, None, cu_seqlens, chunk_tokens=4, vocab_block=32),
         splade_pool_triton(hidden, weight, None, cu_seqlens, **SMALL_BLOCKS),
     ):
         assert torch.equal(got[1], torch.zeros(150))
@@ -114,13 +115,16 @@ def test_bias_low_enough_zeroes_everything():
     assert torch.equal(splade_pool_triton(hidden, weight, bias, cu_seqlens, **SMALL_BLOCKS), torch.zeros(2, 200))
 
 
-@pytest.mark.parametrize("chunk_tokens", [1, 5, 16, 64, 124, 1000])
-def test_reference_result_does_not_depend_on_chunk_size(chunk_tokens: int):
-    """Chunks cut sequences anywhere (mid-sequence, on a boundary, one chunk for all)."""
-    lengths = [1, 7, 33, 64, 2, 17]  # 124 tokens
+@pytest.mark.parametrize(
+    ("chunk_tokens", "vocab_block"), [(1, 7), (5, 64), (16, 500), (64, 499), (124, 128), (1000, 4096)]
+)
+def test_reference_result_does_not_depend_on_tile_size(chunk_tokens: int, vocab_block: int):
+    """Chunks cut sequences anywhere (mid-sequence, on a boundary, one chunk for all); vocab blocks
+    divide the vocab or leave a ragged last block."""
+    lengths = [1, 7, 33, 0, 64, 2, 17]  # 124 tokens
     hidden, weight, bias, cu_seqlens = _inputs(lengths, 24, 500, with_bias=True, seed=4)
     torch.testing.assert_close(
-        splade_pool_reference(hidden, weight, bias, cu_seqlens, chunk_tokens=chunk_tokens),
+        splade_pool_reference(hidden, weight, bias, cu_seqlens, chunk_tokens=chunk_tokens, vocab_block=vocab_block),
         _naive(hidden, weight, bias, cu_seqlens),
         atol=ATOL,
         rtol=RTOL,
@@ -145,11 +149,12 @@ class _LargestAllocation(TorchDispatchMode):
 
 
 def test_sparse_reference_never_materialises_full_logits():
-    lengths, vocab, chunk = [50, 3, 90, 57], 1000, 16  # 200 tokens
+    lengths, vocab, chunk, block = [50, 3, 90, 57], 1000, 16, 256  # 200 tokens
     hidden, weight, bias, cu_seqlens = _inputs(lengths, 32, vocab, with_bias=True, seed=5)
     with _LargestAllocation() as seen:
-        got = splade_pool_reference(hidden, weight, bias, cu_seqlens, chunk_tokens=chunk)
-    assert seen.largest <= chunk * vocab < sum(lengths) * vocab
+        got = splade_pool_reference(hidden, weight, bias, cu_seqlens, chunk_tokens=chunk, vocab_block=block)
+    # Nothing bigger than the [B, V] result or one tile; the full logits would be 200 x 1000.
+    assert seen.largest <= max(len(lengths) * vocab, chunk * block)
     torch.testing.assert_close(got, _naive(hidden, weight, bias, cu_seqlens), atol=ATOL, rtol=RTOL)
 
 
