@@ -82,3 +82,13 @@ proto: setup-test
 # The same workload over HTTP, gRPC unary and gRPC streaming. Shorter: make bench-grpc BENCH_GRPC_ARGS=--quick
 bench-grpc: setup-test
 	$(PY) benchmarks/bench_grpc.py $(BENCH_GRPC_ARGS)
+
+.PHONY: bench-gpu bench-gpu-dry-run
+# GPU suite (needs a CUDA torch: make bench-gpu TORCH_SPEC='torch==2.11.*' on a fresh venv): device
+# ceilings, tokens/s and MFU per model and length mix, latency, kernels vs references, vs
+# sentence-transformers; benchmarks/results/bench_gpu.{json,png}. The dry run checks the suite on CPU.
+bench-gpu: $(VENV)/.bench-deps-done
+	$(PY) benchmarks/bench_gpu.py $(BENCH_GPU_ARGS)
+
+bench-gpu-dry-run: $(VENV)/.bench-deps-done
+	$(PY) benchmarks/bench_gpu.py --dry-run

@@ -4,18 +4,29 @@
 cu_seqlens[i]:cu_seqlens[i+1]) to one vector, accumulating in fp32. ``truncate_normalize`` keeps the
 first ``dims[i]`` components of row i (zeroing the rest) and L2-normalises the rows flagged in
 ``normalize``: truncate first, then normalise, as Matryoshka models are meant to be used.
+``pool_truncate_normalize`` is the two in one call, for heads with nothing between them.
 
-This file holds the plain-torch reference; it is also the CPU path.
+- ``segment_pool_reference`` and ``truncate_normalize`` are plain torch: the reference, and the CPU
+  path.
+- ``segment_pool_triton`` runs one program per sequence: it walks the sequence's rows in blocks,
+  reduces them in fp32 registers and, when given ``dims`` / ``normalize``, truncates and normalises
+  the row before its only store. One read of the pooled rows, one [B, H] write, one launch.
+
+``segment_pool`` and ``pool_truncate_normalize`` dispatch: the Triton kernel for CUDA tensors, the
+reference otherwise.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import torch
 
 POOLING_MODES = ("cls", "mean", "max", "last", "mean_sqrt_len")
 
 
-def segment_pool(
+def segment_pool_reference(
     hidden: torch.Tensor,
     cu_seqlens: torch.Tensor,
     mode: str,
@@ -24,11 +35,12 @@ def segment_pool(
     """Pool each packed sequence to one vector.
 
     hidden:       [T, H] any float dtype
-    cu_seqlens:   [B + 1] int32/int64 cumulative lengths, on hidden's device
+    cu_seqlens:   [B + 1] int32/int64 cumulative lengths, on hidden's device; sequences are not empty
     mode:         one of POOLING_MODES; 'cls' takes the first counted token, 'last' the last token
     skip_leading: optional [B] int, leading tokens of each sequence left out of the pool (an
                   instruction prompt that sentence-transformers' ``include_prompt=False`` excludes)
-    Returns [B, H] float32.
+    Returns [B, H] float32. A sequence whose tokens are all skipped pools to zeros (mean, max,
+    mean_sqrt_len) or to its last token (cls).
     """
     if mode not in POOLING_MODES:
         raise ValueError(f"unknown pooling mode {mode!r}")
@@ -67,3 +79,160 @@ def truncate_normalize(pooled: torch.Tensor, dims: torch.Tensor, normalize: torc
     out = pooled * keep
     norms = out.norm(dim=1, keepdim=True).clamp(min=1e-12)
     return torch.where(normalize.unsqueeze(1), out / norms, out)
+
+
+def pool_truncate_normalize_reference(
+    hidden: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    mode: str,
+    dims: torch.Tensor,
+    normalize: torch.Tensor,
+    skip_leading: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``truncate_normalize(segment_pool(...)[:N], dims, normalize)`` with N = len(dims) <= B: the
+    first N sequences are returned ([N, H] float32); any after them (filler) are not."""
+    pooled = segment_pool_reference(hidden, cu_seqlens, mode, skip_leading)[: dims.numel()]
+    return truncate_normalize(pooled, dims, normalize)
+
+
+# Kernel modes (constexpr ints: the kernel is compiled once per mode).
+_MODE_IDS = {mode: i for i, mode in enumerate(POOLING_MODES)}
+# Elements of one [rows, H] tile a program holds in registers; bounds BLOCK_T for wide models.
+_TILE_ELEMENTS = 8192
+
+
+@functools.cache
+def _triton_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def segment_pool_kernel(
+        hidden_ptr, cu_seqlens_ptr, skip_ptr, dims_ptr, normalize_ptr, out_ptr,
+        width, stride_ht, stride_hk, stride_ob,
+        MODE: tl.constexpr, HAS_SKIP: tl.constexpr, EPILOGUE: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
+        end = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64)
+        first = start
+        if HAS_SKIP:
+            first = tl.minimum(start + tl.load(skip_ptr + seq).to(tl.int64), end)
+        cols = tl.arange(0, BLOCK_H)
+        col_ok = cols < width
+        # Modes: 0 cls, 1 mean, 2 max, 3 last, 4 mean_sqrt_len (POOLING_MODES order).
+        if MODE == 3:  # last: one row
+            acc = tl.load(hidden_ptr + (end - 1) * stride_ht + cols * stride_hk, mask=col_ok & (end > start), other=0.0)
+            acc = acc.to(tl.float32)
+        elif MODE == 0:  # cls: the first counted row, or the last when all are skipped
+            row = tl.minimum(first, end - 1)
+            acc = tl.load(hidden_ptr + row * stride_ht + cols * stride_hk, mask=col_ok & (end > start), other=0.0)
+            acc = acc.to(tl.float32)
+        else:
+            if MODE == 2:
+                acc = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+            else:
+                acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+            for row0 in range(first, end, BLOCK_T):
+                rows = row0 + tl.arange(0, BLOCK_T)
+                mask = (rows < end)[:, None] & col_ok[None, :]
+                offsets = rows[:, None] * stride_ht + cols[None, :] * stride_hk
+                if MODE == 2:
+                    tile = tl.load(hidden_ptr + offsets, mask=mask, other=float("-inf")).to(tl.float32)
+                    acc = tl.maximum(acc, tl.max(tile, axis=0))
+                else:
+                    tile = tl.load(hidden_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+                    acc += tl.sum(tile, axis=0)
+            count = (end - first).to(tl.float32)
+            if MODE == 2:
+                acc = tl.where(count > 0, acc, 0.0)
+            elif MODE == 1:
+                acc = acc / tl.maximum(count, 1e-9)
+            else:
+                acc = acc / tl.sqrt(tl.maximum(count, 1e-9))
+        if EPILOGUE:
+            acc = tl.where(cols < tl.load(dims_ptr + seq), acc, 0.0)
+            norm = tl.sqrt(tl.sum(acc * acc, axis=0))
+            acc = tl.where(tl.load(normalize_ptr + seq) != 0, acc / tl.maximum(norm, 1e-12), acc)
+        tl.store(out_ptr + seq * stride_ob + cols, acc, mask=col_ok)
+
+    return segment_pool_kernel
+
+
+def segment_pool_triton(
+    hidden: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    mode: str,
+    skip_leading: torch.Tensor | None = None,
+    dims: torch.Tensor | None = None,
+    normalize: torch.Tensor | None = None,
+    block_t: int | None = None,
+) -> torch.Tensor:
+    """The kernel. Without ``dims``/``normalize``: the contract of ``segment_pool_reference``. With
+    both: that of ``pool_truncate_normalize_reference`` (only the first len(dims) sequences are
+    computed). ``block_t``: rows per step, a power of two (default: what fits the tile budget)."""
+    import triton
+
+    if mode not in POOLING_MODES:
+        raise ValueError(f"unknown pooling mode {mode!r}")
+    if (dims is None) != (normalize is None):
+        raise ValueError("dims and normalize go together")
+    width = hidden.shape[1]
+    num_seqs = cu_seqlens.numel() - 1 if dims is None else dims.numel()
+    out = torch.empty(num_seqs, width, dtype=torch.float32, device=hidden.device)
+    if num_seqs == 0:
+        return out
+    block_h = triton.next_power_of_2(width)
+    if block_t is None:
+        block_t = max(1, min(64, _TILE_ELEMENTS // block_h))
+    epilogue = dims is not None
+    cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
+    # Unused pointers (no skip, no epilogue) may be anything: the kernel never reads them.
+    skip = skip_leading.to(torch.int32).contiguous() if skip_leading is not None else cu_seqlens
+    dims = dims.to(torch.int32).contiguous() if epilogue else cu_seqlens
+    normalize = normalize.to(torch.int32).contiguous() if epilogue else cu_seqlens
+    with torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext():
+        _triton_kernel()[(num_seqs,)](
+            hidden, cu_seqlens, skip, dims, normalize, out,
+            width, hidden.stride(0), hidden.stride(1), out.stride(0),
+            MODE=_MODE_IDS[mode], HAS_SKIP=skip_leading is not None, EPILOGUE=epilogue,
+            BLOCK_T=block_t, BLOCK_H=block_h,
+            num_warps=4 if block_h <= 1024 else 8,
+        )
+    return out
+
+
+def segment_pool(
+    hidden: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    mode: str,
+    skip_leading: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dispatch (contract of ``segment_pool_reference``): the kernel on CUDA, the reference elsewhere."""
+    if hidden.is_cuda and _triton_available():
+        return segment_pool_triton(hidden, cu_seqlens, mode, skip_leading)
+    return segment_pool_reference(hidden, cu_seqlens, mode, skip_leading)
+
+
+def pool_truncate_normalize(
+    hidden: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    mode: str,
+    dims: torch.Tensor,
+    normalize: torch.Tensor,
+    skip_leading: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dispatch (contract of ``pool_truncate_normalize_reference``): one fused kernel on CUDA."""
+    if hidden.is_cuda and _triton_available():
+        return segment_pool_triton(hidden, cu_seqlens, mode, skip_leading, dims, normalize)
+    return pool_truncate_normalize_reference(hidden, cu_seqlens, mode, dims, normalize, skip_leading)
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

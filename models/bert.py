@@ -15,11 +15,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import fused_norm
+from ..kernels.bias_gelu import bias_gelu_triton
+from ..kernels.fused_norm import add_layer_norm_triton
 from .attention import varlen_attention
 from .checkpoint import CheckpointError
-from .layers import WeightReader, activation, assign, find_prefix, load_layer_norm, load_linear
+from .layers import GELU_APPROXIMATE, WeightReader, activation, assign, find_prefix, load_layer_norm, load_linear
 from .packing import PackedBatch
 from .sparse import MlmHead
 
@@ -115,13 +119,32 @@ class BertLayer(nn.Module):
         self.ffn_out = nn.Linear(cfg.intermediate_size, h)
         self.ffn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         self.act = activation(cfg.hidden_act)
+        self.gelu_approximate = GELU_APPROXIMATE.get(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         tokens = x.shape[0]
         q, k, v = self.qkv(x).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
         attn = varlen_attention(q, k, v, batch).reshape(tokens, -1)
+        if fused_norm.use_fused_kernels(x):
+            return self._fused_tail(x, attn)
         x = self.attn_norm(x + self.attn_out(attn))
         return self.ffn_norm(x + self.ffn_out(self.act(self.ffn_in(x))))
+
+    def _fused_tail(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The block after attention on CUDA: each projection runs without its bias, which the
+        following kernel adds (residual + bias + LayerNorm in one kernel, bias + GELU in another)."""
+        x = add_layer_norm_triton(
+            F.linear(attn, self.attn_out.weight), x, self.attn_norm.weight, self.attn_norm.bias, self.attn_norm.eps,
+            x_bias=self.attn_out.bias,
+        )
+        if self.gelu_approximate is not None:
+            inner = bias_gelu_triton(F.linear(x, self.ffn_in.weight), self.ffn_in.bias, self.gelu_approximate)
+        else:
+            inner = self.act(self.ffn_in(x))
+        return add_layer_norm_triton(
+            F.linear(inner, self.ffn_out.weight), x, self.ffn_norm.weight, self.ffn_norm.bias, self.ffn_norm.eps,
+            x_bias=self.ffn_out.bias,
+        )
 
     def load(self, reader: WeightReader, prefix: str) -> None:
         att = prefix + "attention."

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..kernels.segment_pool import segment_pool, truncate_normalize
+from ..kernels.segment_pool import pool_truncate_normalize, segment_pool, truncate_normalize
 from .checkpoint import CheckpointError
 from .model_dir import DenseSpec
 from .packing import PackedBatch
@@ -91,14 +91,15 @@ class EmbeddingModel:
         if any(o.skip_leading for o in options):
             filler = [0] * (batch.num_seqs - len(options))
             skip = torch.tensor([o.skip_leading for o in options] + filler, device=device)
-        pooled = segment_pool(hidden, batch.cu_seqlens, self.pooling, skip)[: len(options)]
-        for layer in self.dense:
-            pooled = layer(pooled)
         dims = [o.dimensions or self.dimensions for o in options]
-        out = truncate_normalize(
-            pooled,
-            torch.tensor(dims, device=device),
-            torch.tensor([o.normalize for o in options], device=device),
-        )
+        dims_t = torch.tensor(dims, device=device)
+        normalize = torch.tensor([o.normalize for o in options], device=device)
+        if self.dense:
+            pooled = segment_pool(hidden, batch.cu_seqlens, self.pooling, skip)[: len(options)]
+            for layer in self.dense:
+                pooled = layer(pooled)
+            out = truncate_normalize(pooled, dims_t, normalize)
+        else:  # nothing between pooling and normalising: one fused kernel on CUDA
+            out = pool_truncate_normalize(hidden, batch.cu_seqlens, self.pooling, dims_t, normalize, skip)
         host = out.cpu().numpy()
         return [host[i, :d] for i, d in enumerate(dims)]

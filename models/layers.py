@@ -28,6 +28,17 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+# torch's ``approximate`` for each GELU name above: lets a layer hand its activation to the fused
+# bias + GELU kernel (kernels/bias_gelu.py). Names not listed run unfused.
+GELU_APPROXIMATE: dict[str, str] = {
+    "gelu": "none",
+    "gelu_python": "none",
+    "gelu_new": "tanh",
+    "gelu_fast": "tanh",
+    "gelu_pytorch_tanh": "tanh",
+}
+
+
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     try:
         return ACTIVATIONS[name]

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from ..kernels import fused_norm
+from ..kernels.fused_norm import add_rms_norm_triton, rms_norm_triton
 from .attention import varlen_attention
 from .checkpoint import CheckpointError
 from .layers import WeightReader, activation, assign, find_prefix
@@ -147,6 +149,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_norm.use_fused_kernels(x):
+            return rms_norm_triton(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -293,8 +297,12 @@ class LlamaLikeLayer(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         attn = varlen_attention(q, k, v, batch, causal=self.causal).reshape(tokens, -1)
-        x = x + self.o(attn, routes)
-        gate, up = self.gate_up(self.mlp_norm(x), routes).chunk(2, dim=-1)
+        if fused_norm.use_fused_kernels(x):  # residual add + RMSNorm in one kernel
+            x, normed = add_rms_norm_triton(self.o(attn, routes), x, self.mlp_norm.weight, self.mlp_norm.eps)
+        else:
+            x = x + self.o(attn, routes)
+            normed = self.mlp_norm(x)
+        gate, up = self.gate_up(normed, routes).chunk(2, dim=-1)
         return x + self.down(self.act(gate) * up, routes)
 
     def load(self, reader: WeightReader, prefix: str) -> None:

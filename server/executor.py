@@ -8,6 +8,12 @@ search executor uses a high-priority stream).
 Executors are the only code that touches the model's tensors. A batch that runs out of device
 memory is split in halves and retried; only an input that does not fit on its own fails, with a
 413 naming its size.
+
+On CUDA, batches are packed into pinned host memory, and the main executor has the next batch formed,
+packed and copied to the device (on a copy stream) while the current one computes
+(``NextBatchStager``). Before the main executor starts, it runs a full token budget through the
+model (``warm_up_full_batch``), so a budget that does not fit in device memory fails at boot
+rather than under load.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Iterable
@@ -24,7 +31,7 @@ from typing import Any
 import torch
 
 from ..models.loader import ServedModel
-from ..models.packing import pack_sequences
+from ..models.packing import PackedBatch, pack_sequences
 from .errors import BackendError, PayloadTooLarge
 from .metrics import Metrics
 from .scheduler import LANES, TokenBudgetScheduler, WorkItem
@@ -67,7 +74,15 @@ class ModelExecutor:
         self._threads = threads
         self._thread = threading.Thread(target=self._loop, name=f"executor-{model.id}-{name}", daemon=True)
 
+    @property
+    def _stages_batches(self) -> bool:
+        """CUDA main executors overlap the next batch's packing and copy with the current forward;
+        the search executor's batches are small and latency-bound, so it packs when it runs them."""
+        return self.model.device.type == "cuda" and self.lanes != ("search",)
+
     def start(self) -> None:
+        if self._stages_batches:
+            warm_up_full_batch(self.model, self.scheduler.max_batch_tokens, self.scheduler.max_batch_requests)
         self._thread.start()
 
     def join(self, timeout_s: float | None = None) -> None:
@@ -91,18 +106,22 @@ class ModelExecutor:
             if self.lanes != ("search",):
                 lower_thread_priority()
         with self._stream():
+            stager = NextBatchStager(self.model, self.scheduler, self.lanes) if self._stages_batches else None
             while True:
-                batch = self.scheduler.next_batch(self.lanes)
+                if stager is None:
+                    batch, packed = self.scheduler.next_batch(self.lanes), None
+                else:
+                    batch, packed = stager.take()
                 if batch is None:
                     return
                 if batch:
-                    self._run_batch(batch)
+                    self._run_batch(batch, packed)
 
-    def _run_batch(self, items: list[WorkItem]) -> None:
+    def _run_batch(self, items: list[WorkItem], packed: PackedBatch | None = None) -> None:
         started = time.perf_counter()
         for item in items:
             item.started_at = started
-        outcomes = self._compute(items)
+        outcomes = self._compute(items, packed)
         elapsed = time.perf_counter() - started
         tokens = sum(item.num_tokens for item in items)
         if self.lanes != ("search",):  # the search executor never drains the bulk of the queue
@@ -118,14 +137,11 @@ class ModelExecutor:
             except RuntimeError:  # that event loop has closed: nobody is waiting any more
                 pass
 
-    def _compute(self, items: list[WorkItem]) -> list[Any]:
-        """One result or one exception per item."""
+    def _compute(self, items: list[WorkItem], packed: PackedBatch | None = None) -> list[Any]:
+        """One result or one exception per item; ``packed``: the items already on the device."""
         try:
-            packed = pack_sequences(
-                [item.tokens.ids for item in items],
-                [item.tokens.type_ids for item in items],
-                device=self.model.device,
-            )
+            if packed is None:
+                packed = pack_items(items, self.model.device)
             results = self.model.runner.run(packed, [item.options for item in items])
             self.healthy = True
             return list(results)
@@ -156,6 +172,100 @@ class ModelExecutor:
         self.metrics.oom_splits.labels(self.model.id).inc()
         middle = len(items) // 2
         return self._compute(items[:middle]) + self._compute(items[middle:])
+
+
+def pack_items(items: list[WorkItem], device: torch.device) -> PackedBatch:
+    """The items' tokens packed on ``device``; through pinned host memory on CUDA (asynchronous copy)."""
+    return pack_sequences(
+        [item.tokens.ids for item in items],
+        [item.tokens.type_ids for item in items],
+        device=device,
+        pin_memory=device.type == "cuda",
+    )
+
+
+class NextBatchStager:
+    """Forms, packs and copies the next batch while the executor computes the current one (CUDA).
+
+    A helper thread takes a batch from the scheduler as soon as the executor has taken the previous
+    one, packs it into pinned host memory and starts its copy on a copy stream. ``take`` hands it
+    to the executor, whose stream waits for that copy on the device, not on the host. One batch at
+    most is staged, so a batch is formed at most one forward pass before it runs. Packing that
+    fails (no device memory for the copy) hands the items over unpacked: the executor packs them
+    itself and its out-of-memory handling applies.
+    """
+
+    def __init__(self, model: ServedModel, scheduler: TokenBudgetScheduler, lanes: tuple[str, ...]):
+        self._device = model.device
+        self._scheduler = scheduler
+        self._lanes = lanes
+        self._copy_stream = torch.cuda.Stream(device=model.device)
+        self._staged: queue.Queue = queue.Queue(maxsize=1)
+        self._may_form = threading.Semaphore(1)  # released each time the executor takes a batch
+        threading.Thread(target=self._loop, name=f"stager-{model.id}", daemon=True).start()
+
+    def _loop(self) -> None:
+        try:
+            with torch.cuda.stream(self._copy_stream):
+                while True:
+                    self._may_form.acquire()
+                    items = self._scheduler.next_batch(self._lanes)
+                    if items is None:
+                        return
+                    try:
+                        packed = pack_items(items, self._device)
+                        ready = torch.cuda.Event()
+                        ready.record(self._copy_stream)
+                    except Exception as exc:
+                        log.warning("could not stage a batch of %d inputs (%s); it is packed when it runs",
+                                    len(items), exc)
+                        packed = ready = None
+                    self._staged.put((items, packed, ready))
+        finally:  # however the loop ends, the executor's take() returns instead of waiting forever
+            self._staged.put(None)
+
+    def take(self) -> tuple[list[WorkItem] | None, PackedBatch | None]:
+        """(items, their packed batch or None), or (None, None) once the scheduler is closed."""
+        staged = self._staged.get()
+        self._may_form.release()
+        if staged is None:
+            return None, None
+        items, packed, ready = staged
+        if packed is not None:
+            compute = torch.cuda.current_stream(self._device)
+            compute.wait_event(ready)
+            for tensor in (packed.input_ids, packed.token_type_ids, packed.positions, packed.cu_seqlens):
+                if tensor is not None:  # allocated on the copy stream, used and freed on this one
+                    tensor.record_stream(compute)
+        return items, packed
+
+
+def warm_up_full_batch(model: ServedModel, max_batch_tokens: int, max_batch_requests: int | None = None) -> None:
+    """Run the largest batches the scheduler can form through the model once: ``max_batch_tokens``
+    tokens as full-length inputs (the biggest attention and activation tensors), then as the
+    shortest possible inputs (the most output rows: pooled vectors, SPLADE's [inputs, vocab]).
+
+    Raises RuntimeError naming the budget when that does not fit in the device's memory.
+    """
+    token = model.tokenizer.encode_batch(["warm up"], truncate=True)[0].ids[0]
+    shortest = model.tokenizer.num_special_tokens + 1
+    options = model.runner.default_options()
+    for length in (model.max_input_tokens, shortest):
+        count = max(1, max_batch_tokens // length)
+        if max_batch_requests:
+            count = min(count, max_batch_requests)
+        batch = pack_sequences([[token] * length] * count, device=model.device)
+        try:
+            model.runner.run(batch, [options] * count)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise RuntimeError(
+                f"model {model.id}: a full batch ({count} inputs of {length} tokens, budget {max_batch_tokens} "
+                f"tokens) does not fit in the memory of {model.device}; lower --max-batch-tokens"
+            ) from exc
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
 
 
 # CPU: main executors run at this niceness above the rest of the process, so a search batch, the
