@@ -121,13 +121,15 @@ def _triton_kernel():
             first = tl.minimum(start + tl.load(skip_ptr + seq).to(tl.int64), end)
         cols = tl.arange(0, BLOCK_H)
         col_ok = cols < width
+        # Block-shaped, not a scalar: interpreters of some Triton versions refuse a scalar & block mask.
+        row_exists = col_ok & ((cols * 0 + end) > start)
         # Modes: 0 cls, 1 mean, 2 max, 3 last, 4 mean_sqrt_len (POOLING_MODES order).
         if MODE == 3:  # last: one row
-            acc = tl.load(hidden_ptr + (end - 1) * stride_ht + cols * stride_hk, mask=col_ok & (end > start), other=0.0)
+            acc = tl.load(hidden_ptr + (end - 1) * stride_ht + cols * stride_hk, mask=row_exists, other=0.0)
             acc = acc.to(tl.float32)
         elif MODE == 0:  # cls: the first counted row, or the last when all are skipped
             row = tl.minimum(first, end - 1)
-            acc = tl.load(hidden_ptr + row * stride_ht + cols * stride_hk, mask=col_ok & (end > start), other=0.0)
+            acc = tl.load(hidden_ptr + row * stride_ht + cols * stride_hk, mask=row_exists, other=0.0)
             acc = acc.to(tl.float32)
         else:
             if MODE == 2:
