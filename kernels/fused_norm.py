@@ -29,12 +29,14 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .triton_support import triton_available
+
 # Model layers take the fused path on CUDA while this is True.
 enabled = True
 
 
 def use_fused_kernels(x: torch.Tensor) -> bool:
-    return enabled and x.is_cuda and _triton_available()
+    return enabled and x.is_cuda and triton_available()
 
 
 # ---- references ---------------------------------------------------------------------------------
@@ -229,12 +231,3 @@ def add_rms_norm(
     if use_fused_kernels(x):
         return add_rms_norm_triton(x, residual, weight, eps)
     return add_rms_norm_reference(x, residual, weight, eps)
-
-
-@functools.cache
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True

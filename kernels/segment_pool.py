@@ -23,6 +23,8 @@ import functools
 
 import torch
 
+from .triton_support import triton_available
+
 POOLING_MODES = ("cls", "mean", "max", "last", "mean_sqrt_len")
 
 
@@ -212,7 +214,7 @@ def segment_pool(
     skip_leading: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dispatch (contract of ``segment_pool_reference``): the kernel on CUDA, the reference elsewhere."""
-    if hidden.is_cuda and _triton_available():
+    if hidden.is_cuda and triton_available():
         return segment_pool_triton(hidden, cu_seqlens, mode, skip_leading)
     return segment_pool_reference(hidden, cu_seqlens, mode, skip_leading)
 
@@ -226,15 +228,6 @@ def pool_truncate_normalize(
     skip_leading: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dispatch (contract of ``pool_truncate_normalize_reference``): one fused kernel on CUDA."""
-    if hidden.is_cuda and _triton_available():
+    if hidden.is_cuda and triton_available():
         return segment_pool_triton(hidden, cu_seqlens, mode, skip_leading, dims, normalize)
     return pool_truncate_normalize_reference(hidden, cu_seqlens, mode, dims, normalize, skip_leading)
-
-
-@functools.cache
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -24,6 +24,8 @@ import functools
 
 import torch
 
+from .triton_support import triton_available
+
 # Reference tile: logits are computed CHUNK_TOKENS tokens × VOCAB_BLOCK terms at a time (4 MiB in
 # fp32). A tile that stays in cache is what makes this fast on CPU: against whole rows of vocab
 # (256 tokens × 30522 terms, 31 MiB per GEMM) it measured 1.4-2.7x faster end to end on a 2-core
@@ -178,15 +180,6 @@ def splade_pool(
     cu_seqlens: torch.Tensor,
 ) -> torch.Tensor:
     """Dispatch: the fused Triton kernel on CUDA, the chunked reference elsewhere."""
-    if hidden.is_cuda and _triton_available():
+    if hidden.is_cuda and triton_available():
         return splade_pool_triton(hidden, weight, bias, cu_seqlens)
     return splade_pool_reference(hidden, weight, bias, cu_seqlens)
-
-
-@functools.cache
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
