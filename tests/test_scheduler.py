@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-from infercore.models.repository import ModelSource
 from infercore.models.tokenizer import TokenizedInput
 from infercore.server.canonical import EmbedRequest
-from infercore.server.config import ServerConfig
 from infercore.server.engine import Engine
 from infercore.server.scheduler import TokenBudgetScheduler, WorkItem
+from tests.engine_harness import RunnerSpy, async_wait_for, make_engine
 
 # ---- TokenBudgetScheduler -----------------------------------------------------------------------
 
@@ -178,50 +175,14 @@ TEXTS = [
 ]
 
 
-class GatedRunner:
-    """Holds the executor inside the model call until released, so work piles up in the queue.
-
-    Records the size of every batch the model computes.
-    """
-
-    def __init__(self, engine: Engine, model_id: str):
-        self.runner = engine.models[model_id].model.runner
-        self.original = self.runner.run
-        self.entered = threading.Event()
-        self.release = threading.Event()
-        self.batch_sizes: list[int] = []
-
-    def __call__(self, batch, options):
-        self.batch_sizes.append(len(options))
-        self.entered.set()
-        if not self.release.wait(timeout=60):
-            raise RuntimeError("gate never released")
-        return self.original(batch, options)
-
-    def __enter__(self) -> GatedRunner:
-        self.runner.run = self
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release.set()
-        del self.runner.run
+def hold_every_executor(thread_name: str) -> bool:
+    """RunnerSpy holds: every executor waits inside the model call until released, so queued work
+    piles up behind it (make_engine's single main executor leaves no twin to take it instead)."""
+    return True
 
 
-async def wait_until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.005)
-
-
-def make_engine(model_id: str, path, **config) -> Engine:
-    # One main executor, so work held at the gate piles up in the queue instead of being taken by a twin.
-    config.setdefault("cpu_workers", 1)
-    engine = Engine(ServerConfig(models=[ModelSource(model_id, path)], tokenization_workers=1, **config))
-    engine.load()
-    assert engine.state == "ready"
-    return engine
+def computed_batch_sizes(spy: RunnerSpy) -> list[int]:
+    return [len(batch.inputs) for batch in spy.batches]
 
 
 @pytest.fixture(scope="module")
@@ -258,15 +219,15 @@ def test_concurrent_requests_get_the_same_vectors_as_one_at_a_time(minilm_engine
     alone = embed_one_at_a_time(minilm_engine, requests)
 
     async def all_at_once():
-        with GatedRunner(minilm_engine, "minilm") as gate:
+        with RunnerSpy(minilm_engine, "minilm", holds=hold_every_executor) as spy:
             first = asyncio.ensure_future(minilm_engine.embed(EmbedRequest(["hold the executor"], priority="ingest")))
-            await wait_until(gate.entered.is_set)
+            await async_wait_for(lambda: spy.held == 1, "the executor held")
             rest = [asyncio.ensure_future(minilm_engine.embed(r)) for r in requests]
             total = sum(len(r.inputs) for r in requests)
-            await wait_until(lambda: minilm_engine.models["minilm"].scheduler.queued_items == total)
-            gate.release.set()
+            await async_wait_for(lambda: minilm_engine.models["minilm"].scheduler.queued_items == total, "all queued")
+            spy.release.set()
             await first
-            return await asyncio.gather(*rest), gate.batch_sizes
+            return await asyncio.gather(*rest), computed_batch_sizes(spy)
 
     results, batch_sizes = asyncio.run(all_at_once())
     together = [v for result in results for v in result.vectors]
@@ -285,20 +246,20 @@ def test_cancelled_request_is_never_computed_and_does_not_break_others(tiny_engi
     expected_c = embed_one_at_a_time(tiny_engine, [EmbedRequest(c_texts)])
 
     async def scenario():
-        with GatedRunner(tiny_engine, "tiny") as gate:
+        with RunnerSpy(tiny_engine, "tiny", holds=hold_every_executor) as spy:
             a = asyncio.ensure_future(tiny_engine.embed(EmbedRequest(a_texts)))
-            await wait_until(gate.entered.is_set)
+            await async_wait_for(lambda: spy.held == 1, "the executor held")
             b = asyncio.ensure_future(tiny_engine.embed(EmbedRequest(b_texts)))
             c = asyncio.ensure_future(tiny_engine.embed(EmbedRequest(c_texts)))
-            await wait_until(lambda: handle.scheduler.queued_items == len(b_texts) + len(c_texts))
+            await async_wait_for(lambda: handle.scheduler.queued_items == len(b_texts) + len(c_texts), "b, c queued")
             b.cancel()
-            gate.release.set()
+            spy.release.set()
             result_a, result_c = await asyncio.gather(a, c)
             with pytest.raises(asyncio.CancelledError):
                 await b
             after = await tiny_engine.embed(EmbedRequest(["after the cancellation"]))
             health = await tiny_engine.check_health()
-            return result_a, result_c, after, health, list(gate.batch_sizes)
+            return result_a, result_c, after, health, computed_batch_sizes(spy)
 
     result_a, result_c, after, health, batch_sizes = asyncio.run(scenario())
 
@@ -314,11 +275,11 @@ def test_a_request_cancelled_by_a_closed_event_loop_does_not_stop_the_executor(t
     """A client that goes away (its loop closes) while its batch runs must not kill the executor."""
 
     async def start_and_abandon():
-        with GatedRunner(tiny_engine, "tiny") as gate:
+        with RunnerSpy(tiny_engine, "tiny", holds=hold_every_executor) as spy:
             task = asyncio.ensure_future(tiny_engine.embed(EmbedRequest(["abandoned"])))
-            await wait_until(gate.entered.is_set)
+            await async_wait_for(lambda: spy.held == 1, "the executor held")
             task.cancel()
-            gate.release.set()
+            spy.release.set()
 
     asyncio.run(start_and_abandon())
     result = asyncio.run(tiny_engine.embed(EmbedRequest(["still served"])))
