@@ -39,7 +39,7 @@ from torch import nn
 
 from .attention import varlen_attention
 from .checkpoint import CheckpointError
-from .layers import WeightReader, assign, find_prefix, load_layer_norm
+from .layers import WeightReader, assign, find_prefix, load_layer_norm, rope_inv_freq
 from .packing import PackedBatch
 
 MODEL_TYPES = ("xlm-roberta", "jina_clip")
@@ -301,12 +301,6 @@ class JinaEmbeddings(nn.Module):
         load_layer_norm(self.norm, reader, prefix + "emb_ln")
 
 
-def rotary_inv_freq(cfg: JinaXlmrConfig) -> torch.Tensor:
-    """[rotary_dim / 2] fp32 inverse frequencies, base ** (-2i / rotary_dim)."""
-    dim = cfg.rotary_dim
-    return 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-
-
 def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [T, 1, rotary_dim / 2] in fp32 for the packed tokens' positions."""
     angles = positions.to(torch.float32).unsqueeze(1) * inv_freq
@@ -380,7 +374,7 @@ class JinaXlmrEncoder(nn.Module):
         self._adapter_index = {name: i for i, name in enumerate(cfg.adapter_names)}
         self.embeddings = JinaEmbeddings(cfg)
         self.layers = nn.ModuleList(JinaLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.register_buffer("inv_freq", rotary_inv_freq(cfg), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.rotary_dim, cfg.rotary_base), persistent=False)
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         gate = self.lora_gate(batch)
@@ -427,6 +421,6 @@ class JinaXlmrEncoder(nn.Module):
         model.embeddings.load(reader, prefix, cfg)
         for i, layer in enumerate(model.layers):
             layer.load(reader, f"{prefix}encoder.layers.{i}.", cfg)
-        model.inv_freq = rotary_inv_freq(cfg).to(reader.device)
+        model.inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rotary_base, reader.device)
         model.weight_prefix = prefix
         return model.eval()

@@ -121,3 +121,9 @@ def load_linear(linear: torch.nn.Linear, reader: WeightReader, prefix: str) -> N
 def load_layer_norm(norm: torch.nn.LayerNorm, reader: WeightReader, prefix: str) -> None:
     assign(norm, "weight", reader.get_any(prefix + ".weight", prefix + ".gamma"))
     assign(norm, "bias", reader.get_any(prefix + ".bias", prefix + ".beta"))
+
+
+def rope_inv_freq(rotary_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+    """[rotary_dim / 2] fp32 RoPE inverse frequencies, theta ** (-2i / rotary_dim), computed as
+    transformers and Jina's XLM-R compute them."""
+    return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))

@@ -42,7 +42,7 @@ from ..kernels import fused_norm
 from ..kernels.fused_norm import add_rms_norm_triton, rms_norm_triton
 from .attention import varlen_attention
 from .checkpoint import CheckpointError
-from .layers import WeightReader, activation, assign, find_prefix
+from .layers import WeightReader, activation, assign, find_prefix, rope_inv_freq
 from .packing import CPU_MIN_TOKENS, PackedBatch
 
 # Folder of a model directory that holds one PEFT LoRA folder per task.
@@ -154,11 +154,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
-
-
-def rope_inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
-    """[head_dim / 2] fp32 inverse frequencies, computed as transformers computes them."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
 
 
 def rope_cos_sin(
