@@ -57,8 +57,9 @@ def decode_json(body: bytes, struct: type[T]) -> T:
         raise MalformedRequest(f"request body is not valid JSON: {exc}") from None
 
 
-def scheduling_hints(request: Request) -> tuple[str | None, float | None]:
-    """(lane, timeout in seconds) from the ``X-Priority`` and ``X-Request-Timeout`` headers."""
+def scheduling_hints(request: Request, body_priority: str | None = None) -> tuple[str | None, float | None]:
+    """(lane, timeout in seconds) from the ``X-Priority`` and ``X-Request-Timeout`` headers; a
+    ``priority`` field of the body, when the dialect has one, wins over the header."""
     priority = request.headers.get("x-priority")
     timeout = request.headers.get("x-request-timeout")
     timeout_s = None
@@ -69,6 +70,8 @@ def scheduling_hints(request: Request) -> tuple[str | None, float | None]:
             raise ValidationError(f"X-Request-Timeout must be a number of seconds, got {timeout!r}") from None
         if not (timeout_s > 0 and math.isfinite(timeout_s)):
             raise ValidationError(f"X-Request-Timeout must be a positive number of seconds, got {timeout!r}")
+    if body_priority is not None:
+        return body_priority.strip().lower(), timeout_s
     return (priority.strip().lower() if priority else None), timeout_s
 
 

@@ -96,7 +96,7 @@ def routes(engine: Engine) -> list[Route]:
 
     async def embed(request: Request) -> Response:
         body = decode_json(await read_body(request, limit), EmbedBody)
-        header_priority, timeout_s = scheduling_hints(request)
+        priority, timeout_s = scheduling_hints(request, body.priority)
         work = engine.embed(
             EmbedRequest(
                 inputs=as_list(body.inputs),
@@ -107,7 +107,7 @@ def routes(engine: Engine) -> list[Route]:
                 prompt_name=body.prompt_name,
                 dimensions=body.dimensions,
                 task=body.task,
-                priority=body.priority.strip().lower() if body.priority is not None else header_priority,
+                priority=priority,
                 timeout_s=timeout_s,
             )
         )
@@ -120,7 +120,7 @@ def routes(engine: Engine) -> list[Route]:
         if output not in SPARSE_FORMATS:
             raise ValidationError(f"format must be one of {', '.join(SPARSE_FORMATS)}, got {output!r}")
         body = decode_json(await read_body(request, limit), EmbedSparseBody)
-        header_priority, timeout_s = scheduling_hints(request)
+        priority, timeout_s = scheduling_hints(request, body.priority)
         work = engine.embed_sparse(
             SparseEmbedRequest(
                 inputs=as_list(body.inputs),
@@ -129,7 +129,7 @@ def routes(engine: Engine) -> list[Route]:
                 truncate_left=body.truncation_direction.lower() == "left",
                 top_k=body.top_k,
                 min_weight=body.min_weight,
-                priority=body.priority.strip().lower() if body.priority is not None else header_priority,
+                priority=priority,
                 timeout_s=timeout_s,
             )
         )
@@ -145,7 +145,7 @@ def routes(engine: Engine) -> list[Route]:
 
     async def rerank(request: Request) -> Response:
         body = decode_json(await read_body(request, limit), RerankBody)
-        header_priority, timeout_s = scheduling_hints(request)
+        priority, timeout_s = scheduling_hints(request, body.priority)
         work = engine.rerank(
             RerankRequest(
                 query=body.query,
@@ -154,7 +154,7 @@ def routes(engine: Engine) -> list[Route]:
                 top_n=body.top_n,
                 raw_scores=body.raw_scores,
                 truncate=body.truncate,
-                priority=body.priority.strip().lower() if body.priority is not None else header_priority,
+                priority=priority,
                 timeout_s=timeout_s,
             )
         )
