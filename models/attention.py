@@ -16,6 +16,8 @@ shape of q. The implementation is chosen per call from the device and dtype:
 from __future__ import annotations
 
 import functools
+import inspect
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +26,34 @@ from .packing import PackedBatch
 
 
 @functools.cache
-def _varlen_attn():
+def _varlen_attn() -> Callable | None:
+    """torch's varlen front end as ``call(q, k, v, cu_seqlens, max_seqlen, causal)``, or None.
+
+    Its keyword for causality changed between releases: torch 2.10 takes ``is_causal``, 2.11 and
+    later a ``window_size`` pair where (-1, 0) is causal. A torch with neither is not used.
+    """
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # torch without the varlen front end
         return None
-    return varlen_attn
+    return adapt_varlen_attn(varlen_attn)
+
+
+def adapt_varlen_attn(varlen_attn: Callable) -> Callable | None:
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        def causal_kwargs(causal: bool) -> dict:
+            return {"window_size": (-1, 0) if causal else (-1, -1)}
+    elif "is_causal" in params:
+        def causal_kwargs(causal: bool) -> dict:
+            return {"is_causal": causal}
+    else:
+        return None
+
+    def call(q, k, v, cu_seqlens, max_seqlen, causal):
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **causal_kwargs(causal))
+
+    return call
 
 
 def varlen_attention(
@@ -49,10 +73,7 @@ def varlen_attention(
     varlen_attn = _varlen_attn()
     if varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16):
         k, v = _repeat_kv(q, k, v)
-        return varlen_attn(
-            q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen, batch.max_seqlen,
-            is_causal=causal,
-        )
+        return varlen_attn(q, k, v, batch.cu_seqlens, batch.max_seqlen, causal)
     return padded_attention(q, k, v, batch, causal)
 
 

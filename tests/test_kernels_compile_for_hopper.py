@@ -27,7 +27,7 @@ COMPILE_ALL = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from infercore.kernels import bias_gelu, fused_norm, segment_pool
+    from infercore.kernels import bias_gelu, fused_norm, segment_pool, splade_pool
 
     TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
     failures = []
@@ -64,6 +64,17 @@ COMPILE_ALL = textwrap.dedent(
     for tanh, dtype in itertools.product((False, True), ("*fp16", "*bf16")):
         types = {"x_ptr": dtype, "bias_ptr": dtype, "out_ptr": dtype, "numel": "i64", "width": "i32"}
         compile_variant(fn, types, {"TANH": tanh, "BLOCK": 1024}, f"bias_gelu tanh={tanh} {dtype}")
+
+    fn = splade_pool._triton_kernel()
+    for has_bias, dtype in itertools.product((False, True), ("*bf16", "*fp16", "*fp32")):
+        types = {"hidden_ptr": dtype, "weight_ptr": dtype, "bias_ptr": dtype, "cu_seqlens_ptr": "*i32",
+                 "out_ptr": "*fp32"}
+        types.update({name: "i32" for name in ("vocab", "width", "stride_ht", "stride_hk", "stride_wv", "stride_wk",
+                                                "stride_ob")})
+        # What splade_pool_triton passes: full-precision products for fp32 weights.
+        constexprs = {"HAS_BIAS": has_bias, "INPUT_PRECISION": "ieee" if dtype == "*fp32" else "tf32",
+                      "BLOCK_T": 64, "BLOCK_V": 128, "BLOCK_K": 64}
+        compile_variant(fn, types, constexprs, f"splade_pool {constexprs} {dtype}")
 
     print("\\n".join(failures) if failures else "all compiled")
     raise SystemExit(1 if failures else 0)
