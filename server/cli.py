@@ -24,7 +24,12 @@ from ..models.checkpoint import CheckpointError
 from ..models.repository import parse_model_arg, resolve_sources
 from .config import ServerConfig
 
-DEVICES_HELP = "auto (CUDA if present, else CPU), cpu, cuda or cuda:N"
+DEVICES_HELP = (
+    "where models run: auto (default: every visible GPU, else the CPU), cpu, cuda (= cuda:0), cuda:N, "
+    "cuda:all, or a list such as cuda:0,cuda:1; each model is loaded once per device and the replicas "
+    "share one queue. For one process per GPU instead, give each process --device cuda:N "
+    "(or CUDA_VISIBLE_DEVICES)"
+)
 
 
 def _env(name: str, default):
@@ -80,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-queued-tokens", type=_positive_int, default=_env("max-queued-tokens", None),
-        help="tokens that may wait per model before requests get 429 (default: 8 batches' worth on CPU, 32 on CUDA)",
+        help="tokens that may wait per model before requests get 429 "
+        "(default: 8 batches' worth on CPU, 32 per GPU on CUDA)",
     )
     serve.add_argument(
         "--max-concurrent-requests", type=_positive_int,
@@ -231,14 +237,16 @@ def _tls_files(args: argparse.Namespace) -> dict[str, Path | None]:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from ..models.loader import resolve_devices
     from .app import DrainingServer, create_app
     from .engine import Engine
     from .tls import uvicorn_tls_options
 
     configure_logging(args.log_level)
     config = config_from_args(args)
-    # Catch a wrong path or an empty models dir before binding the port.
+    # Catch a wrong path, an empty models dir or a device that is not there before binding the port.
     resolve_sources(config.models, config.models_dir)
+    resolve_devices(config.device)
 
     engine = Engine(config)
     exit_code = 0

@@ -12,9 +12,11 @@ from ..models.repository import ModelSource
 # already at the cores' peak) and cost page faults for >32 MiB activations: 4096 measured ~1.2x
 # faster than 16384 on the 2-core machine (benchmarks/bench_engine_cpu.py --max-batch-tokens).
 DEFAULT_MAX_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
-# Default admission bound: this many full batches may wait per model. On CPU 8 batches are about
-# 5 s of work for MiniLM on 2 cores; a deeper queue only makes admitted requests wait longer under
-# overload (benchmarks/bench_load.py: p50 24 s with 32) instead of telling clients to come back.
+# Default admission bound: this many full batches may wait per model and per device it runs on (each
+# replica drains the queue as fast, so the wait the bound stands for stays the same). On CPU 8
+# batches are about 5 s of work for MiniLM on 2 cores; a deeper queue only makes admitted requests
+# wait longer under overload (benchmarks/bench_load.py: p50 24 s with 32) instead of telling clients
+# to come back.
 QUEUED_BATCHES_DEFAULT = {"cpu": 8, "cuda": 32}
 
 
@@ -24,6 +26,8 @@ class ServerConfig:
     port: int = 8080
     models: list[ModelSource] = field(default_factory=list)
     models_dir: Path | None = None
+    # One device or several: each model is loaded once per device (models/loader.py resolve_devices);
+    # auto = every visible GPU, else the CPU.
     device: str = "auto"
     dtype: str = "auto"
     api_key: str | None = None
@@ -32,7 +36,8 @@ class ServerConfig:
     max_batch_tokens: int | None = None
     # Optional cap on sequences per batch.
     max_batch_requests: int | None = None
-    # Admission bound per model, in queued tokens; None: 32 batches' worth. Beyond it: 429.
+    # Admission bound per model, in queued tokens; None: QUEUED_BATCHES_DEFAULT batches' worth per
+    # device the model runs on. Beyond it: 429.
     max_queued_tokens: int | None = None
     # Requests being tokenized, queued or computed at once; beyond it: 429.
     max_concurrent_requests: int = 512
@@ -75,5 +80,5 @@ class ServerConfig:
             return 1
         return self.cpu_workers or os.cpu_count() or 1
 
-    def queued_token_limit(self, device_type: str, batch_token_budget: int) -> int:
-        return self.max_queued_tokens or QUEUED_BATCHES_DEFAULT[device_type] * batch_token_budget
+    def queued_token_limit(self, device_type: str, batch_token_budget: int, replicas: int = 1) -> int:
+        return self.max_queued_tokens or QUEUED_BATCHES_DEFAULT[device_type] * batch_token_budget * replicas

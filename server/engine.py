@@ -25,7 +25,7 @@ import numpy as np
 from ..models.checkpoint import CheckpointError
 from ..models.embedding import EmbedOptions
 from ..models.listwise import ListwiseReranker
-from ..models.loader import ServedModel, load_model
+from ..models.loader import ServedModel, load_model, resolve_devices
 from ..models.repository import resolve_sources
 from ..models.sparse import SparseOptions
 from ..models.tokenizer import InputTooLong, Token, TokenizedInput
@@ -83,9 +83,21 @@ class BiEncoderReranker:
 
 @dataclass
 class ModelHandle:
-    model: ServedModel
+    """One served model: a replica per device (same weights, same tokenizer), the one queue every
+    replica takes batches from, and the executors of all replicas."""
+
+    replicas: list[ServedModel]
     scheduler: TokenBudgetScheduler
     executors: list[ModelExecutor]
+
+    @property
+    def model(self) -> ServedModel:
+        """The first replica: tokenizer, task and metadata are the same on every replica."""
+        return self.replicas[0]
+
+    @property
+    def devices(self) -> list[str]:
+        return [str(replica.device) for replica in self.replicas]
 
     @property
     def id(self) -> str:
@@ -137,35 +149,46 @@ class Engine:
             self.bi_encoder_rerankers[reranker.id] = reranker
 
     def _load_one(self, model_id: str, path) -> None:
+        """Load the model once per configured device (a replica each, warmed up), and start every
+        replica's executors on one shared scheduler: whichever replica is idle takes the next batch."""
         started = time.perf_counter()
-        model = load_model(model_id, path, self.config.device, self.config.dtype, self.config.max_input_tokens)
-        model.warmup()
-        budget = self.config.batch_token_budget(model.device.type, model.max_input_tokens)
+        replicas = []
+        for device in resolve_devices(self.config.device):
+            replica = load_model(model_id, path, str(device), self.config.dtype, self.config.max_input_tokens)
+            replica.warmup()
+            replicas.append(replica)
+        model = replicas[0]
+        device_type = model.device.type
+        budget = self.config.batch_token_budget(device_type, model.max_input_tokens)
         scheduler = TokenBudgetScheduler(
             budget,
             self.config.max_batch_requests,
-            self.config.queued_token_limit(model.device.type, budget),
+            self.config.queued_token_limit(device_type, budget, len(replicas)),
             on_drop=lambda reason, n: self.metrics.dropped.labels(model_id, reason).inc(n),
-            spread=model.device.type == "cpu",
+            spread=device_type == "cpu",
         )
-        device_type = model.device.type
-        executors = [
-            ModelExecutor(model, scheduler, self.metrics, LANES, f"main{i}", threads=self.config.cpu_threads)
-            for i in range(self.config.main_executors(device_type))
-        ]
-        # The search executor gets every core: it runs alone when the server is idle, and a short
-        # query next to busy main executors costs little. CUDA stream priorities: lower is higher.
-        executors.append(
-            ModelExecutor(model, scheduler, self.metrics, ("search",), "search", stream_priority=-1,
-                          threads=os.cpu_count() or 1)
-        )
+        executors = []
+        for replica in replicas:
+            # Names are unique across replicas: the scheduler keeps a drain rate per executor name.
+            executors += [
+                ModelExecutor(replica, scheduler, self.metrics, LANES, f"{replica.device}/main{i}",
+                              threads=self.config.cpu_threads)
+                for i in range(self.config.main_executors(device_type))
+            ]
+            # The search executor gets every core: it runs alone when the server is idle, and a short
+            # query next to busy main executors costs little. CUDA stream priorities: lower is higher.
+            executors.append(
+                ModelExecutor(replica, scheduler, self.metrics, ("search",), f"{replica.device}/search",
+                              stream_priority=-1, threads=os.cpu_count() or 1)
+            )
         for executor in executors:
             executor.start()
-        self.models[model.id] = ModelHandle(model, scheduler, executors)
+        handle = ModelHandle(replicas, scheduler, executors)
+        self.models[model.id] = handle
         log.info(
             "loaded model %s (%s, %s, %s on %s, max %d tokens per input, %d per batch, %d executors) in %.1fs",
-            model.id, model.task, model.family, str(model.dtype).removeprefix("torch."),
-            model.device, model.max_input_tokens, budget, len(executors), time.perf_counter() - started,
+            model.id, model.task, model.family, str(model.dtype).removeprefix("torch."), ", ".join(handle.devices),
+            model.max_input_tokens, budget, len(executors), time.perf_counter() - started,
         )
 
     def begin_drain(self) -> None:

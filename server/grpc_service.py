@@ -149,7 +149,8 @@ def model_info_message(info: dict, is_default: bool) -> pb.ModelInfo:
         tasks=info.get("tasks") or [],
         max_batch_tokens=info.get("max_batch_tokens") or 0,
         dtype=info.get("dtype") or "",
-        device=info.get("device") or "",
+        # Every device the model runs on, in --device's list form (one device: just its name).
+        device=",".join(info.get("devices") or []) or info.get("device") or "",
         reranker_kind=info.get("kind") or "",
         embedding_model=info.get("embedding_model") or "",
         max_query_tokens=info.get("max_query_tokens") or 0,

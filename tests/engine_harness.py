@@ -67,8 +67,8 @@ async def async_wait_for(predicate: Callable[[], bool], what: str = "condition",
 
 
 def is_search_executor(thread_name: str) -> bool:
-    """Executor threads are named ``executor-<model>-<name>``; the priority one is ``search``."""
-    return thread_name.endswith("-search")
+    """Executor threads are named ``executor-<model>-<device>/<name>``; the priority one is ``search``."""
+    return thread_name.endswith("/search")
 
 
 def is_main_executor(thread_name: str) -> bool:

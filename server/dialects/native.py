@@ -275,7 +275,9 @@ def model_info(handle: ModelHandle) -> dict:
         "end_of_life_date": model.end_of_life_date.isoformat() if model.end_of_life_date else None,
         "max_batch_tokens": handle.scheduler.max_batch_tokens,
         "dtype": str(model.dtype).removeprefix("torch."),
+        # The first replica's device, and every device the model has a replica on.
         "device": str(model.device),
+        "devices": handle.devices,
         **(
             {"kind": model.runner.kind, "max_query_tokens": model.max_query_tokens,
              "rerank_windows": model.rerank_windows, "window_overlap_tokens": model.window_overlap_tokens}
@@ -296,4 +298,5 @@ def bi_encoder_info(reranker: BiEncoderReranker) -> dict:
         "max_input_tokens": embedder.max_input_tokens,
         "dtype": str(embedder.dtype).removeprefix("torch."),
         "device": str(embedder.device),
+        "devices": reranker.embedder.devices,
     }
