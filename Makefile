@@ -87,6 +87,9 @@ bench-grpc: setup-test
 # GPU suite (needs a CUDA torch: make bench-gpu TORCH_SPEC='torch==2.11.*' on a fresh venv): device
 # ceilings, tokens/s and MFU per model and length mix, latency, kernels vs references, vs
 # sentence-transformers; benchmarks/results/bench_gpu.{json,png}. The dry run checks the suite on CPU.
+# A GPU host whose python3 already has torch, transformers and sentence-transformers (no registry, no
+# install) runs it from the checkout: python3 benchmarks/bench_gpu.py --out DIR. Exit status 1 when a
+# model or kernel failed; the JSON names the error and keeps every other figure.
 bench-gpu: $(VENV)/.bench-deps-done
 	$(PY) benchmarks/bench_gpu.py $(BENCH_GPU_ARGS)
 

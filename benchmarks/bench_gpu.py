@@ -73,6 +73,24 @@ CACHE = ROOT / ".cache" / "bench_gpu"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+
+def _importable_from_source_checkout() -> None:
+    """Let ``infercore.models`` / ``.server`` / ``.kernels`` import from a plain checkout.
+
+    Installed, setuptools maps those packages to the repository's top-level folders; on a GPU host
+    that already has torch, transformers and sentence-transformers (and no package registry) the
+    suite runs from the checkout as is: the folders are put on the package's search path.
+    """
+    import importlib.util
+
+    import infercore
+
+    if importlib.util.find_spec("infercore.models") is None:
+        infercore.__path__.append(str(ROOT))
+
+
+_importable_from_source_checkout()
+
 # The masked-LM head's bias in the random SPLADE checkpoint (see the module docstring).
 SPLADE_HEAD_BIAS = -2.0
 QUERY_TOKENS = 16  # the single-query latency probe
@@ -517,9 +535,13 @@ def bench_model(
     del model, encoder
     release_memory(device)
 
-    entry["sentence_transformers"] = bench_sentence_transformers(
-        spec, path, mixes, entry, ours_for_check, args, device, budget
-    )
+    try:
+        entry["sentence_transformers"] = bench_sentence_transformers(
+            spec, path, mixes, entry, ours_for_check, args, device, budget
+        )
+    except Exception as exc:  # infercore's figures stand without the comparison
+        entry["sentence_transformers"] = {"error": describe(exc)}
+        print(f"  {name:<18} sentence-transformers FAILED: {describe(exc)}", flush=True)
     release_memory(device)
     return entry
 
@@ -671,28 +693,44 @@ def bench_kernels(device: Any, dry_run: bool) -> dict[str, Any]:
 
     out: dict[str, Any] = {"timing_meaningful": device.type == "cuda", "cases": {}}
     for name, shape, triton_call, reference_call in kernel_cases(device, dry_run):
-        expected, got = reference_call(), triton_call()
-        case: dict[str, Any] = {
-            "shape": shape,
-            "max_abs_diff": float((got.float() - expected.float()).abs().max()),
-            "max_abs_reference": float(expected.float().abs().max()),
-        }
-        repeats = 1 if dry_run else 20
-        case["triton_ms"] = time_op_ms(triton_call, device, repeats, warmup=0 if dry_run else 3)
-        case["reference_ms"] = time_op_ms(reference_call, device, repeats, warmup=0 if dry_run else 3)
-        case["speedup"] = case["reference_ms"] / case["triton_ms"]
-        if device.type == "cuda" and name == "splade_pool":
-            for side, call in (("triton", triton_call), ("reference", reference_call)):
-                release_memory(device)
-                base = torch.cuda.memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                call()
-                case[f"{side}_peak_extra_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-        out["cases"][name] = case
-        print(f"  kernel {name:<28} triton {case['triton_ms']:8.3f} ms  torch {case['reference_ms']:8.3f} ms  "
-              f"x{case['speedup']:5.2f}  max diff {case['max_abs_diff']:.2e}", flush=True)
+        try:
+            out["cases"][name] = bench_kernel(name, shape, triton_call, reference_call, device, dry_run)
+        except Exception as exc:  # report, time the other kernels
+            out["cases"][name] = {"shape": shape, "error": describe(exc)}
+            print(f"  kernel {name:<28} FAILED: {describe(exc)}", flush=True)
         release_memory(device)
     return out
+
+
+def bench_kernel(
+    name: str, shape: dict[str, Any], triton_call: Callable, reference_call: Callable, device: Any, dry_run: bool,
+) -> dict[str, Any]:
+    import torch
+
+    expected, got = reference_call(), triton_call()
+    case: dict[str, Any] = {
+        "shape": shape,
+        "max_abs_diff": float((got.float() - expected.float()).abs().max()),
+        "max_abs_reference": float(expected.float().abs().max()),
+    }
+    repeats = 1 if dry_run else 20
+    case["triton_ms"] = time_op_ms(triton_call, device, repeats, warmup=0 if dry_run else 3)
+    case["reference_ms"] = time_op_ms(reference_call, device, repeats, warmup=0 if dry_run else 3)
+    case["speedup"] = case["reference_ms"] / case["triton_ms"]
+    if device.type == "cuda" and name == "splade_pool":
+        for side, call in (("triton", triton_call), ("reference", reference_call)):
+            release_memory(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            call()
+            case[f"{side}_peak_extra_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    print(f"  kernel {name:<28} triton {case['triton_ms']:8.3f} ms  torch {case['reference_ms']:8.3f} ms  "
+          f"x{case['speedup']:5.2f}  max diff {case['max_abs_diff']:.2e}", flush=True)
+    return case
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:2000]}"
 
 
 # ---- targets, output -----------------------------------------------------------------------------
@@ -737,7 +775,7 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install -e '.[bench]')"
-    models = results["models"]
+    models = measured(results["models"])
     mixes = list(next(iter(models.values()))["mixes"]) if models else []
     fig, axes = plt.subplots(2, 2, figsize=(15, 10))
     title = f"infercore on {results['device']['name']}" + (" (DRY RUN: tiny CPU models)" if results["dry_run"] else "")
@@ -765,7 +803,7 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     ax.set_title("MFU (useful FLOPs / measured matmul rate)")
     ax.legend(fontsize=8)
     ax = axes[1][0]
-    cases = results["kernels"]["cases"]
+    cases = {name: c for name, c in results["kernels"]["cases"].items() if "error" not in c}
     ax.barh(list(cases), [c["speedup"] for c in cases.values()])
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel("speedup of the Triton kernel over its torch reference")
@@ -793,7 +831,8 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
 def print_table(results: dict[str, Any]) -> None:
     print()
     print(f"{'model':<18} {'mix':<9} {'tok/s':>11} {'prepacked':>11} {'MFU':>6} {'ST tok/s':>10} {'x ST':>6}")
-    for name, m in results["models"].items():
+    models = measured(results["models"])
+    for name, m in models.items():
         for mix, row in m["mixes"].items():
             st = m["sentence_transformers"].get("mixes", {}).get(mix, {}).get("tokens_per_s")
             st_text = f"{st:>10,.0f}" if st else f"{'-':>10}"
@@ -802,14 +841,14 @@ def print_table(results: dict[str, Any]) -> None:
                   f"{row['mfu']:>6.1%} {st_text} {ratio if ratio else 0:>6.2f}")
     print()
     print(f"{'model':<18} {'query p50 ms':>12} {'p99 ms':>8} {'ST p50 ms':>10} {'fused on/off':>13}")
-    for name, m in results["models"].items():
+    for name, m in models.items():
         lat, off = m["latency_single_query"], m["fused_kernels_off"]
         st = m["sentence_transformers"].get("latency_single_query", {}).get("p50_ms", float("nan"))
         print(f"{name:<18} {lat['p50_ms']:>12.2f} {lat['p99_ms']:>8.2f} {st:>10.2f} {off['speedup_from_fused']:>13.2f}")
     print()
     for name, t in results["targets"].items():
-        measured = "-" if t["measured"] is None else f"{t['measured']:.3g}"
-        print(f"target {name:<38} goal {t['target']:<5} measured {measured:<8} met {t['met']}")
+        value = "-" if t["measured"] is None else f"{t['measured']:.3g}"
+        print(f"target {name:<38} goal {t['target']:<5} measured {value:<8} met {t['met']}")
 
 
 # ---- main ----------------------------------------------------------------------------------------
@@ -876,6 +915,7 @@ def main(argv: list[str] | None = None) -> int:
     device_info["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
                                "transformers": transformers.__version__,
                                "sentence_transformers": sentence_transformers.__version__}
+    out = args.out / ("bench_gpu_dry_run.json" if args.dry_run else "bench_gpu.json")
     results: dict[str, Any] = {
         "benchmark": "bench_gpu", "dry_run": args.dry_run, "device": device_info,
         "max_batch_tokens": budget, "seconds_per_measurement": args.seconds,
@@ -910,25 +950,46 @@ def main(argv: list[str] | None = None) -> int:
         results["models"] = {}
         for name in names:
             print(f"{name}: {specs[name].label}", flush=True)
-            results["models"][name] = bench_model(name, specs[name], paths[name], mixes, peak, args, device, budget)
-    results["sparse_vs_dense"] = sparse_over_dense(results["models"])
+            try:
+                results["models"][name] = bench_model(name, specs[name], paths[name], mixes, peak, args, device,
+                                                      budget)
+            except Exception as exc:  # report it in the JSON, benchmark the other models
+                results["models"][name] = {"label": specs[name].label, "error": describe(exc)}
+                print(f"  {name:<18} FAILED: {describe(exc)}", flush=True)
+                release_memory(device)
+            write_json(results, out, started)  # a run cut short still leaves what it measured
+    models = measured(results["models"])
+    results["sparse_vs_dense"] = sparse_over_dense(models)
     print("kernels (Triton vs torch reference):", flush=True)
     results["kernels"] = bench_kernels(device, args.dry_run)
-    results["targets"] = evaluate_targets(results["models"], results["sparse_vs_dense"])
-    results["elapsed_s"] = time.perf_counter() - started
+    results["targets"] = evaluate_targets(models, results["sparse_vs_dense"])
+    failed = sorted([n for n, m in results["models"].items() if "error" in m] +
+                    [f"kernel {n}" for n, c in results["kernels"]["cases"].items() if "error" in c])
+    results["failed"] = failed
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_gpu_dry_run" if args.dry_run else "bench_gpu"
-    png = args.out / f"{stem}.png"
-    plot_error = plot(results, png) if results["models"] else "no models were run"
+    png = out.with_suffix(".png")
+    plot_error = plot(results, png) if models else "no model was measured"
     results["plots"] = [] if plot_error else [png.name]
     if plot_error:
         results["plots_error"] = plot_error
-    out = args.out / f"{stem}.json"
-    out.write_text(json.dumps(results, indent=2))
+    write_json(results, out, started)
     print_table(results)
     print(f"wrote {out}{'' if plot_error else f' and {png.name}'} in {results['elapsed_s']:.0f}s")
+    if failed:
+        print(f"FAILED: {', '.join(failed)} (errors in the JSON)", file=sys.stderr)
+        return 1
     return 0
+
+
+def measured(models: dict[str, Any]) -> dict[str, Any]:
+    """The models whose benchmark ran to the end (failed ones carry only label and error)."""
+    return {name: m for name, m in models.items() if "error" not in m}
+
+
+def write_json(results: dict[str, Any], path: Path, started: float) -> None:
+    results["elapsed_s"] = time.perf_counter() - started
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
