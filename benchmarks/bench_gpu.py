@@ -689,7 +689,6 @@ def _splade_kernel_call(kernel: Callable, hidden: Any, weight: Any, bias: Any, c
 
 
 def bench_kernels(device: Any, dry_run: bool) -> dict[str, Any]:
-    import torch
 
     out: dict[str, Any] = {"timing_meaningful": device.type == "cuda", "cases": {}}
     for name, shape, triton_call, reference_call in kernel_cases(device, dry_run):
