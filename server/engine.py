@@ -26,6 +26,7 @@ from ..models.checkpoint import CheckpointError
 from ..models.embedding import EmbedOptions
 from ..models.listwise import ListwiseReranker
 from ..models.loader import ServedModel, load_model, resolve_devices
+from ..models.packing import pack_sequences
 from ..models.repository import resolve_sources
 from ..models.sparse import SparseOptions
 from ..models.tokenizer import InputTooLong, Token, TokenizedInput
@@ -42,7 +43,6 @@ from .canonical import (
 )
 from .config import ServerConfig
 from .errors import (
-    BackendError,
     DeadlineExceeded,
     ModelNotFound,
     ModelRetired,
@@ -620,8 +620,9 @@ class Engine:
     async def check_health(self) -> str | None:
         """None when every model can compute; otherwise the reason it cannot.
 
-        A model whose last batch failed is probed with a one-input forward pass before it is
-        reported healthy again.
+        A replica whose last batch failed is probed with a one-input forward pass on that replica
+        (not through the shared queue, where another replica could answer for it) before its
+        executors are reported healthy again.
         """
         try:
             self.require_ready()
@@ -630,17 +631,29 @@ class Engine:
         for handle in self.models.values():
             if not all(e.alive for e in handle.executors):
                 return f"an executor of model {handle.id!r} has stopped"
-            if handle.healthy:
-                continue
-            probe = handle.model.tokenizer.encode_batch(["health"], truncate=True)
-            deadline = time.perf_counter() + HEALTH_PROBE_TIMEOUT_S
-            try:
-                await self._compute(handle, probe, [handle.model.runner.default_options()], "search", deadline)
-            except (BackendError, DeadlineExceeded, Overloaded):
-                return f"model {handle.id!r} cannot compute a forward pass"
-            for executor in handle.executors:
-                executor.healthy = True
+            for replica in handle.replicas:
+                executors = [e for e in handle.executors if e.model is replica]
+                if all(e.healthy for e in executors):
+                    continue
+                if not await self._probe(replica):
+                    where = f" on {replica.device}" if len(handle.replicas) > 1 else ""
+                    return f"model {handle.id!r} cannot compute a forward pass{where}"
+                for executor in executors:
+                    executor.healthy = True
         return None
+
+    @staticmethod
+    async def _probe(replica: ServedModel) -> bool:
+        def forward() -> None:
+            ids = replica.tokenizer.encode_batch(["health"], truncate=True)[0].ids
+            replica.runner.run(pack_sequences([ids], device=replica.device), [replica.runner.default_options()])
+
+        try:
+            await asyncio.wait_for(asyncio.to_thread(forward), HEALTH_PROBE_TIMEOUT_S)
+        except Exception:
+            log.warning("health probe of model %s on %s failed", replica.id, replica.device, exc_info=True)
+            return False
+        return True
 
 
 def _consume_outcome(future: asyncio.Future) -> None:

@@ -192,3 +192,37 @@ def test_replicas_share_the_queue_and_give_the_single_replica_results(two_replic
     finally:
         single.shutdown()
     np.testing.assert_allclose(np.array(vectors), np.array(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_a_broken_replica_is_probed_on_its_own_device(two_replica_engine):
+    """/health must not be answered for a broken replica by its healthy sibling: the probe runs on
+    the replica whose executors failed, and only its own success clears them."""
+    handle = two_replica_engine.models["tiny"]
+    first, second = handle.replicas
+    calls = {"first": 0, "second": 0}
+    original_first, original_second = first.runner.run, second.runner.run
+
+    def first_run(batch, options):
+        calls["first"] += 1
+        return original_first(batch, options)
+
+    def broken(batch, options):
+        calls["second"] += 1
+        raise RuntimeError("device lost")
+
+    first.runner.run, second.runner.run = first_run, broken
+    try:
+        for executor in handle.executors:
+            executor.healthy = executor.model is first  # the second replica's last batch failed
+        reason = asyncio.run(two_replica_engine.check_health())
+        assert reason == "model 'tiny' cannot compute a forward pass on cpu:0"
+        assert calls == {"first": 0, "second": 1}  # probed where it failed, not through the queue
+        assert not any(e.healthy for e in handle.executors if e.model is second)
+
+        second.runner.run = original_second  # the fault is gone
+        assert asyncio.run(two_replica_engine.check_health()) is None
+        assert all(e.healthy for e in handle.executors)
+    finally:
+        del first.runner.run
+        if "run" in vars(second.runner):
+            del second.runner.run
