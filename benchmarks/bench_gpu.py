@@ -28,7 +28,9 @@ Sections of the JSON (``benchmarks/results/bench_gpu.json``; the dry run writes
   - ``latency_single_query``: p50 / p99 of one 16-token query (pack + run), and ST's ``encode``
     of the same query;
   - ``fused_kernels_off``: the passages mix again with the fused layer kernels switched off
-    (``kernels.fused_norm.enabled``): what they buy end to end.
+    (``kernels.fused_norm.enabled``): what they buy end to end;
+  - ``kernels_switched_off``: kernels the start-up self-check (``kernels.self_check``, run as the
+    server runs it) found failing or disagreeing with their reference on this GPU, and why.
 - ``sparse_vs_dense``: the SPLADE runner (``bert-base-mlm``) over the dense runner of the same
   encoder weights (``bert-base``), per mix.
 - ``kernels``: each Triton kernel against its torch reference at serving shapes: time, speedup,
@@ -476,11 +478,13 @@ def bench_model(
     name: str, spec: ModelSpec, path: Path, mixes: dict[str, MixInputs], peak_tflops: dict[str, float],
     args: argparse.Namespace, device: Any, budget: int,
 ) -> dict[str, Any]:
-    from infercore.kernels import fused_norm
+    from infercore.kernels import fused_norm, triton_support
     from infercore.models.loader import load_model
     from infercore.models.packing import pack_sequences
 
     model = load_model(name, path, device=str(device), dtype=args.dtype)
+    if device.type == "cuda":  # what the server does at start: kernels that fail here are switched off
+        model.check_kernels()
     encoder = model.runner.encoder
     dtype_name = str(model.dtype).removeprefix("torch.")
     peak = peak_tflops.get(dtype_name) or max(peak_tflops.values())
@@ -493,6 +497,8 @@ def bench_model(
         "parameters_m": sum(p.numel() for p in encoder.parameters()) / 1e6,
         "config": {k: v for k, v in vars(encoder.config).items() if isinstance(v, int | float | bool)},
         "matmul_ceiling_tflops": peak,
+        # Kernels the start-up self-check switched off in this process (the reference runs instead).
+        "kernels_switched_off": triton_support.disabled(),
         "mixes": {},
     }
     ours_for_check: dict[str, list[Any]] = {}

@@ -11,7 +11,7 @@ too).
 - ``bias_gelu_reference``: plain torch with the same signature.
 - ``bias_gelu_triton``: a flat elementwise kernel over contiguous x.
 
-Whether the model layers call it is decided by ``fused_norm.use_fused_kernels`` (CUDA only).
+Whether the model layers call it is decided by ``use_bias_gelu_kernel`` (CUDA only).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fused_norm
+from .triton_support import use_triton
 
 GELU_APPROXIMATIONS = ("none", "tanh")
 BLOCK = 1024
@@ -71,8 +72,13 @@ def bias_gelu_triton(x: torch.Tensor, bias: torch.Tensor, approximate: str = "no
     return out
 
 
+def use_bias_gelu_kernel(x: torch.Tensor) -> bool:
+    """The layers' fused path is on (``fused_norm.enabled``) and this kernel may run on x."""
+    return fused_norm.enabled and use_triton("bias_gelu", x)
+
+
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """Dispatch: the kernel on CUDA (while the fused layer kernels are enabled), the reference elsewhere."""
-    if fused_norm.use_fused_kernels(x):
+    if use_bias_gelu_kernel(x):
         return bias_gelu_triton(x, bias, approximate)
     return bias_gelu_reference(x, bias, approximate)

@@ -17,8 +17,9 @@ the output.
 - ``*_triton``: one program per row, the whole row in registers (widths up to a few thousand).
 
 ``use_fused_kernels(x)`` is what the model layers ask before taking the fused path: CUDA tensor,
-Triton importable, and the module switch ``enabled`` on (the GPU benchmark turns it off to time the
-plain layers in the same run). CPU execution never reaches the kernels.
+Triton importable, the kernel not switched off by the start-up self-check, and the module switch
+``enabled`` on (the GPU benchmark turns it off to time the plain layers in the same run). CPU
+execution never reaches the kernels.
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .triton_support import triton_available
+from .triton_support import use_triton
 
 # Model layers take the fused path on CUDA while this is True.
 enabled = True
 
 
 def use_fused_kernels(x: torch.Tensor) -> bool:
-    return enabled and x.is_cuda and triton_available()
+    return enabled and use_triton("fused_norm", x)
 
 
 # ---- references ---------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-from .triton_support import triton_available
+from .triton_support import use_triton
 
 POOLING_MODES = ("cls", "mean", "max", "last", "mean_sqrt_len")
 
@@ -214,7 +214,7 @@ def segment_pool(
     skip_leading: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dispatch (contract of ``segment_pool_reference``): the kernel on CUDA, the reference elsewhere."""
-    if hidden.is_cuda and triton_available():
+    if use_triton("segment_pool", hidden):
         return segment_pool_triton(hidden, cu_seqlens, mode, skip_leading)
     return segment_pool_reference(hidden, cu_seqlens, mode, skip_leading)
 
@@ -228,6 +228,6 @@ def pool_truncate_normalize(
     skip_leading: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dispatch (contract of ``pool_truncate_normalize_reference``): one fused kernel on CUDA."""
-    if hidden.is_cuda and triton_available():
+    if use_triton("segment_pool", hidden):
         return segment_pool_triton(hidden, cu_seqlens, mode, skip_leading, dims, normalize)
     return pool_truncate_normalize_reference(hidden, cu_seqlens, mode, dims, normalize, skip_leading)

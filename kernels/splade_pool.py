@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from .triton_support import triton_available
+from .triton_support import use_triton
 
 # Reference tile: logits are computed CHUNK_TOKENS tokens × VOCAB_BLOCK terms at a time (4 MiB in
 # fp32). A tile that stays in cache is what makes this fast on CPU: against whole rows of vocab
@@ -180,6 +180,6 @@ def splade_pool(
     cu_seqlens: torch.Tensor,
 ) -> torch.Tensor:
     """Dispatch: the fused Triton kernel on CUDA, the chunked reference elsewhere."""
-    if hidden.is_cuda and triton_available():
+    if use_triton("splade_pool", hidden):
         return splade_pool_triton(hidden, weight, bias, cu_seqlens)
     return splade_pool_reference(hidden, weight, bias, cu_seqlens)

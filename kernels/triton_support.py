@@ -1,9 +1,21 @@
-"""Whether Triton can be imported here: kernels dispatch to their Triton version on CUDA only when
-it can, and to their plain-torch reference otherwise."""
+"""Whether a Triton kernel may run: Triton importable, a CUDA tensor, and the kernel not switched off
+by the start-up self-check (``kernels.self_check``), which falls back to the plain-torch reference
+for a kernel that fails or disagrees with it on this GPU, toolchain and model shapes."""
 
 from __future__ import annotations
 
 import functools
+import logging
+
+import torch
+
+log = logging.getLogger("infercore.kernels")
+
+# The kernels the model layers dispatch to, by the name the self-check and the logs use.
+KERNELS = ("fused_norm", "bias_gelu", "segment_pool", "splade_pool")
+
+# kernel name → why it was switched off (for this process).
+_disabled: dict[str, str] = {}
 
 
 @functools.cache
@@ -13,3 +25,26 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def use_triton(kernel: str, x: torch.Tensor) -> bool:
+    """Dispatch test of every kernel: its Triton version for CUDA tensors, unless switched off."""
+    return x.is_cuda and kernel not in _disabled and triton_available()
+
+
+def disable(kernel: str, reason: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}")
+    if kernel not in _disabled:
+        log.error("Triton kernel %s switched off, its torch reference runs instead: %s", kernel, reason)
+    _disabled[kernel] = reason
+
+
+def disabled() -> dict[str, str]:
+    """The kernels switched off in this process and why."""
+    return dict(_disabled)
+
+
+def enable_all() -> None:
+    """Forget what the self-check switched off (tests; a new process starts this way)."""
+    _disabled.clear()

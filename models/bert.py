@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import fused_norm
-from ..kernels.bias_gelu import bias_gelu_triton
+from ..kernels.bias_gelu import bias_gelu_triton, use_bias_gelu_kernel
 from ..kernels.fused_norm import add_layer_norm_triton
 from .attention import varlen_attention
 from .checkpoint import CheckpointError
@@ -137,7 +137,7 @@ class BertLayer(nn.Module):
             F.linear(attn, self.attn_out.weight), x, self.attn_norm.weight, self.attn_norm.bias, self.attn_norm.eps,
             x_bias=self.attn_out.bias,
         )
-        if self.gelu_approximate is not None:
+        if self.gelu_approximate is not None and use_bias_gelu_kernel(x):
             inner = bias_gelu_triton(F.linear(x, self.ffn_in.weight), self.ffn_in.bias, self.gelu_approximate)
         else:
             inner = self.act(self.ffn_in(x))

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..kernels.self_check import check_kernels_once, model_kernel_shapes
+from ..kernels.triton_support import triton_available
 from .catalog import CatalogEntry, lookup, recognise
 from .checkpoint import CheckpointError, open_weights
 from .eland import materialize_eland
@@ -78,11 +80,27 @@ class ServedModel:
         return self._prompt_lengths[prompt_name]
 
     def warmup(self) -> None:
-        """One forward pass of a full-length input, so a broken model fails at load, not per request."""
+        """One forward pass of a full-length input, so a broken model fails at load, not per request.
+
+        On CUDA the Triton kernels are checked first at this model's widths and dtype
+        (``kernels.self_check``): one that fails or disagrees with its torch reference is switched
+        off, and the model serves with the reference in its place.
+        """
+        if self.device.type == "cuda":
+            self.check_kernels()
         ids = [self.tokenizer.encode_batch(["warm up"], truncate=True)[0].ids]
         ids.append([ids[0][0]] * self.max_input_tokens)
         batch = pack_sequences(ids, device=self.device)
         self.runner.run(batch, [self.runner.default_options()] * 2)
+
+
+    def check_kernels(self) -> dict[str, str]:
+        """Self-check of the kernels this model dispatches to; {kernel: why} for those switched off."""
+        if not triton_available():
+            return {}
+        vocab = self.dimensions if self.task == "sparse_embedding" else None
+        shapes = model_kernel_shapes(getattr(self.runner, "encoder", None), vocab)
+        return {} if shapes is None else check_kernels_once(shapes, self.device, self.dtype)
 
 
 def resolve_device(device: str) -> torch.device:

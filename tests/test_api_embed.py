@@ -337,6 +337,7 @@ def test_info_describes_the_default_model_the_limits_and_every_model(multi_clien
     assert info["max_client_batch_size"] == 8
     assert info["auto_truncate"] is True
     assert info["model_type"] == {"embedding": {"pooling": "mean"}}
+    assert info["kernels_switched_off"] == {}  # CPU: no Triton kernel runs, none is switched off
     assert [(m["model_id"], m["dimensions"], m["max_input_tokens"]) for m in info["models"]] == [
         ("minilm", MINILM_DIMS, 256),
         ("tiny", TINY_DIMS, 128),

@@ -65,6 +65,7 @@ def test_dry_run_writes_every_section(dry_run):
                 assert row[key] > 0, (name, mix, key)
         assert model["latency_single_query"]["p50_ms"] > 0
         assert model["fused_kernels_off"]["tokens_per_s_prepacked"] > 0
+        assert model["kernels_switched_off"] == {}, name
         st = model["sentence_transformers"]
         assert "error" not in st, (name, st.get("error"))
         assert set(st["mixes"]) == set(MIXES)

@@ -186,6 +186,7 @@ def _encode(model, lengths: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("variant", ["bert-tiny", "bert-tiny-gelu-new", "bert-tiny-relu-1type"])
 def test_bert_layer_fused_path_matches_plain_path(variant, tmp_path, monkeypatch):
     """Bias moved from the matmuls into the kernels, erf and tanh GELU, and ReLU (left unfused)."""
+    from infercore.models import bert
     from infercore.models.loader import load_model
     from tests import tiny_checkpoints
 
@@ -193,6 +194,7 @@ def test_bert_layer_fused_path_matches_plain_path(variant, tmp_path, monkeypatch
     lengths = [5, 1, 12]
     plain = _encode(model, lengths)
     monkeypatch.setattr(fused_norm, "use_fused_kernels", lambda x: True)
+    monkeypatch.setattr(bert, "use_bias_gelu_kernel", lambda x: True)
     fused = _encode(model, lengths)
     torch.testing.assert_close(fused, plain, atol=2e-5, rtol=2e-5)
 

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ... import __version__
+from ...kernels import triton_support
 from ...models.sparse import SparseVector
 from ..canonical import DecodeRequest, EmbedRequest, RerankRequest, SparseEmbedRequest, TokenizeRequest
 from ..engine import BiEncoderReranker, Engine, ModelHandle
@@ -218,6 +219,8 @@ def routes(engine: Engine) -> list[Route]:
                 "auto_truncate": cfg.auto_truncate,
                 "tokenization_workers": cfg.tokenization_workers,
                 "version": __version__,
+                # Triton kernels the start-up self-check switched off (their torch reference runs)
+                "kernels_switched_off": triton_support.disabled(),
                 # every served model
                 "models": [model_info(h) for h in handles] + [bi_encoder_info(r) for r in bi_encoders],
             }
