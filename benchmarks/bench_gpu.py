@@ -37,8 +37,9 @@ Sections of the JSON (``benchmarks/results/bench_gpu.json``; the dry run writes
   max abs difference (and for SPLADE the peak extra memory of each).
 - ``targets``: issue 9's targets evaluated on the figures above.
 
-Inputs: text from ``corpus.passage_pool`` cut to a drawn token length under the MiniLM WordPiece
-tokenizer every model folder carries (ids below every vocabulary size here), identical for
+Inputs: text from ``corpus.passage_pool`` cut to a drawn token length under the WordPiece tokenizer
+every model folder carries (``bench_tokenizer.py``: built from the corpus, since GPU hosts have no
+registry to install a tokenizer package from; ids below every vocabulary size here), identical for
 infercore and sentence-transformers (``st_token_count_matches`` checks the count). Random
 weights time like trained ones, except that a random masked-LM head would activate half the
 vocabulary: its bias is set to -2.0, which gives a SPLADE-like ~60 terms per query and ~300 per
@@ -60,6 +61,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -184,12 +186,13 @@ def model_specs() -> dict[str, ModelSpec]:
 
 
 def build_checkpoint(name: str, spec: ModelSpec, root: Path, tiny: bool, build_device: str) -> Path:
-    """The model folder (weights, MiniLM tokenizer, sentence-transformers files, infercore.json);
+    """The model folder (weights, the suite's tokenizer, sentence-transformers files, infercore.json);
     skipped when complete (infercore.json is written last)."""
+    import bench_tokenizer
     import torch
     import transformers
 
-    from tests.tiny_checkpoints import copy_tokenizer, write_sentence_transformers_files
+    from tests.tiny_checkpoints import write_sentence_transformers_files
 
     target = root / name
     if (target / "infercore.json").is_file():
@@ -212,7 +215,9 @@ def build_checkpoint(name: str, spec: ModelSpec, root: Path, tiny: bool, build_d
         if not tiny:
             model = model.to(torch.bfloat16)
         model.save_pretrained(target, safe_serialization=True)
-        copy_tokenizer(target)
+        tokenizer = bench_tokenizer.build(root / "tokenizer")
+        for file in bench_tokenizer.FILES:
+            shutil.copy(tokenizer / file, target / file)
         del model
     if spec.st_pooling is not None:
         write_sentence_transformers_files(target, config.hidden_size, spec.st_pooling, max_seq_length=512)
