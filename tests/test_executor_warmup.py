@@ -118,7 +118,7 @@ def test_staged_executor_serves_every_request_with_the_unstaged_results(monkeypa
             return [r.vectors[0] for r in await asyncio.gather(*replies)]
 
         try:
-            return asyncio.run(go())
+            return asyncio.run(asyncio.wait_for(go(), 120))  # a lost batch fails the test, not hangs it
         finally:
             engine.shutdown()
 
