@@ -88,10 +88,13 @@ class ServedModel:
         """
         if self.device.type == "cuda":
             self.check_kernels()
-        ids = [self.tokenizer.encode_batch(["warm up"], truncate=True)[0].ids]
-        ids.append([ids[0][0]] * self.max_input_tokens)
-        batch = pack_sequences(ids, device=self.device)
-        self.runner.run(batch, [self.runner.default_options()] * 2)
+        ids = self.tokenizer.encode_batch(["warm up"], truncate=True)[0].ids
+        self.run_ids([ids, [ids[0]] * self.max_input_tokens])
+
+    def run_ids(self, ids: list[list[int]]) -> list:
+        """Token id lists through the model with default options, on the calling thread (warm-up
+        and health probes; requests go through the scheduler)."""
+        return self.runner.run(pack_sequences(ids, device=self.device), [self.runner.default_options()] * len(ids))
 
 
     def check_kernels(self) -> dict[str, str]:

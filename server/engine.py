@@ -26,7 +26,6 @@ from ..models.checkpoint import CheckpointError
 from ..models.embedding import EmbedOptions
 from ..models.listwise import ListwiseReranker
 from ..models.loader import ServedModel, load_model, resolve_devices
-from ..models.packing import pack_sequences
 from ..models.repository import resolve_sources
 from ..models.sparse import SparseOptions
 from ..models.tokenizer import InputTooLong, Token, TokenizedInput
@@ -645,8 +644,7 @@ class Engine:
     @staticmethod
     async def _probe(replica: ServedModel) -> bool:
         def forward() -> None:
-            ids = replica.tokenizer.encode_batch(["health"], truncate=True)[0].ids
-            replica.runner.run(pack_sequences([ids], device=replica.device), [replica.runner.default_options()])
+            replica.run_ids([replica.tokenizer.encode_batch(["health"], truncate=True)[0].ids])
 
         try:
             await asyncio.wait_for(asyncio.to_thread(forward), HEALTH_PROBE_TIMEOUT_S)

@@ -249,14 +249,12 @@ def warm_up_full_batch(model: ServedModel, max_batch_tokens: int, max_batch_requ
     """
     token = model.tokenizer.encode_batch(["warm up"], truncate=True)[0].ids[0]
     shortest = model.tokenizer.num_special_tokens + 1
-    options = model.runner.default_options()
     for length in (model.max_input_tokens, shortest):
         count = max(1, max_batch_tokens // length)
         if max_batch_requests:
             count = min(count, max_batch_requests)
-        batch = pack_sequences([[token] * length] * count, device=model.device)
         try:
-            model.runner.run(batch, [options] * count)
+            model.run_ids([[token] * length] * count)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
