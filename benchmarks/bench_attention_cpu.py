@@ -266,12 +266,9 @@ def main() -> int:
     holds = all(v["holds"] for v in verdicts.values())
     print(f"claim holds in {sum(v['holds'] for v in verdicts.values())} of {len(verdicts)} cases")
 
-    load = os.getloadavg()
-    print(f"load average at the end: {load[0]:.2f} (1 min), {load[1]:.2f} (5 min) on {os.cpu_count()} cores; "
-          f"worst slowest/fastest repeat of one case: {max(spreads):.2f}x")
-    if max(spreads) > NOISY_SPREAD:
-        print(f"WARNING: repeats of one case differ by more than {NOISY_SPREAD}x: other processes were competing "
-              "for the cores (OpenMP workers stall when descheduled); rerun on a quiet machine")
+    from machine import report_quietness
+
+    load = report_quietness(max(spreads), NOISY_SPREAD, "case")
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "bench_attention_cpu.json"

@@ -153,12 +153,10 @@ def main() -> int:
           f"{min(batch_tokens)}-{max(batch_tokens)} (budget {handle.scheduler.max_batch_tokens})")
     status = "ok" if min_cosine >= MIN_COSINE else f"FAIL (< {MIN_COSINE})"
     print(f"min cosine engine vs ST: {min_cosine:.7f} {status}")
-    load = os.getloadavg()
-    print(f"load average at the end: {load[0]:.2f} (1 min), {load[1]:.2f} (5 min) on {os.cpu_count()} cores")
+    from machine import report_quietness
+
     spread = max(max(side["times_s"]) / min(side["times_s"]) for side in sides.values())
-    if spread > NOISY_SPREAD:
-        print(f"WARNING: repeats of one side differ by {spread:.2f}x: other processes were competing for the "
-              "cores (OpenMP workers stall when descheduled); rerun on a quiet machine")
+    load = report_quietness(spread, NOISY_SPREAD, "side")
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "bench_engine_cpu.json"

@@ -304,12 +304,10 @@ def main() -> int:
     status = "ok" if max_diff <= MAX_SCORE_DIFF else f"FAIL (> {MAX_SCORE_DIFF})"
     print(f"max |sigmoid score difference| infercore vs ST: {max_diff:.2e} {status} "
           f"(scores span {all_scores.min():.4f}-{all_scores.max():.4f})")
-    load = os.getloadavg()
-    print(f"load average at the end: {load[0]:.2f} (1 min), {load[1]:.2f} (5 min) on {threads} cores")
+    from machine import report_quietness
+
     spread = max(max(side["times_s"]) / min(side["times_s"]) for side in sides.values())
-    if spread > NOISY_SPREAD:
-        print(f"WARNING: repeats of one mode differ by {spread:.2f}x: other processes were competing for the "
-              "cores; rerun on a quiet machine")
+    load = report_quietness(spread, NOISY_SPREAD, "mode")
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "bench_rerank.json"
