@@ -75,3 +75,44 @@ def multi_client(multi_server):
     headers = {"Authorization": f"Bearer {multi_server.api_key}"}
     with httpx.Client(base_url=multi_server.url, headers=headers, timeout=60.0, trust_env=False) as client:
         yield client
+
+
+# ---- in-process engines and servers, one per test module (see tests/engine_harness.py) ----------
+# A module that needs other engine settings defines its own tiny_engine / minilm_engine; the server
+# fixtures then serve that one.
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_bert_dir):
+    from tests.engine_harness import make_engine
+
+    engine = make_engine("tiny", tiny_bert_dir)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_engine):
+    from tests.engine_harness import InProcessServer
+
+    server = InProcessServer(tiny_engine).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def minilm_engine(minilm_dir):
+    from tests.engine_harness import make_engine
+
+    engine = make_engine("minilm", minilm_dir)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def minilm_server(minilm_engine):
+    from tests.engine_harness import InProcessServer
+
+    server = InProcessServer(minilm_engine).start()
+    yield server
+    server.stop()

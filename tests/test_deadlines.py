@@ -97,13 +97,6 @@ def test_expired_items_do_not_take_room_in_the_batch(loop):
 # ---- Engine in-process -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_bert_dir):
-    engine = make_engine("tiny", tiny_bert_dir)
-    yield engine
-    engine.shutdown()
-
-
 def run_past_deadline_scenario(engine, late_texts: list[str], timeout_s: float = 0.3):
     """Hold the main executor in a batch, queue ``late_texts`` with a short deadline behind it, and let
     the deadline pass before releasing. Returns (the late request's exception, the spy)."""
@@ -166,13 +159,6 @@ def test_a_non_positive_timeout_on_the_command_line_is_refused(tiny_bert_dir, fl
 
 
 # ---- over HTTP ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_server(tiny_engine):
-    server = InProcessServer(tiny_engine).start()
-    yield server
-    server.stop()
 
 
 def error_type(response) -> str:

@@ -18,7 +18,6 @@ import torch
 from infercore.server.canonical import EmbedRequest
 from infercore.server.errors import PayloadTooLarge
 from tests.engine_harness import (
-    InProcessServer,
     RunnerSpy,
     async_wait_for,
     is_main_executor,
@@ -71,20 +70,6 @@ OOM_ERRORS = {
     ),
     "runtime_out_of_memory": lambda n: RuntimeError("CUDA error: out of memory"),
 }
-
-
-@pytest.fixture(scope="module")
-def minilm_engine(minilm_dir):
-    engine = make_engine("minilm", minilm_dir)
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def minilm_server(minilm_engine):
-    server = InProcessServer(minilm_engine).start()
-    yield server
-    server.stop()
 
 
 @pytest.mark.parametrize("error", list(OOM_ERRORS), ids=list(OOM_ERRORS))
@@ -187,13 +172,6 @@ def tiny_engine(tiny_bert_dir):
     engine = make_engine("tiny", tiny_bert_dir, max_batch_requests=1)
     yield engine
     engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny_server(tiny_engine):
-    server = InProcessServer(tiny_engine).start()
-    yield server
-    server.stop()
 
 
 def test_a_failing_batch_gets_500_while_other_requests_queued_with_it_are_served(tiny_engine, tiny_server):

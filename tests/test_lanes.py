@@ -17,7 +17,6 @@ from infercore.server.engine import SEARCH_LANE_MAX_TOKENS
 from infercore.server.executor import BULK_NICENESS
 from infercore.server.scheduler import LANES, TokenBudgetScheduler
 from tests.engine_harness import (
-    InProcessServer,
     RunnerSpy,
     async_wait_for,
     batch_names,
@@ -101,20 +100,6 @@ def test_lane_depths_count_items_and_tokens_per_lane(loop):
 
 
 # ---- the lane a request gets --------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_bert_dir):
-    engine = make_engine("tiny", tiny_bert_dir)
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny_server(tiny_engine):
-    server = InProcessServer(tiny_engine).start()
-    yield server
-    server.stop()
 
 
 class SubmitSpy:

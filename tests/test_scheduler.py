@@ -192,13 +192,6 @@ def minilm_engine(minilm_dir):
     engine.shutdown()
 
 
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_bert_dir):
-    engine = make_engine("tiny", tiny_bert_dir)
-    yield engine
-    engine.shutdown()
-
-
 def embed_one_at_a_time(engine: Engine, requests: list[EmbedRequest]) -> list[np.ndarray]:
     out = []
     for request in requests:
