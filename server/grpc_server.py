@@ -1,6 +1,6 @@
 """The gRPC front end: a ``grpc.aio`` server on the HTTP server's event loop and engine.
 
-Serves ``infercore.v1.InferenceService`` (server/grpc_service.py), the standard ``grpc.health.v1``
+Serves ``infercore.v1.InferenceService`` (the gRPC dialect, server/dialects/grpc.py), the standard ``grpc.health.v1``
 health service and server reflection, on ``--host``:``--grpc-port``, with TLS or mutual TLS when
 ``--tls-cert``/``--tls-key`` (and ``--tls-client-ca``) are given.
 
@@ -28,8 +28,8 @@ from grpc_reflection.v1alpha import reflection
 
 from ..proto.v1 import inference_pb2_grpc as pb_grpc
 from .config import ServerConfig
+from .dialects.grpc import SERVICE_NAME, InferenceService
 from .engine import Engine
-from .grpc_service import SERVICE_NAME, InferenceService
 
 log = logging.getLogger("infercore.grpc")
 

@@ -20,8 +20,7 @@ from infercore.models.loader import resolve_devices
 from infercore.server import cli
 from infercore.server import engine as engine_module
 from infercore.server.canonical import EmbedRequest
-from infercore.server.dialects.native import model_info
-from infercore.server.grpc_service import model_info_message
+from infercore.server.dialects.grpc import model_info_message
 from tests.engine_harness import make_engine
 
 CUDA = [torch.device("cuda", 0), torch.device("cuda", 1)]
@@ -166,9 +165,9 @@ def test_each_device_gets_its_own_replica_and_executors(two_replica_engine):
     # make_engine: one main executor per replica, plus each replica's search executor
     assert sorted(e.name for e in handle.executors) == ["cpu/main0", "cpu/search", "cpu:0/main0", "cpu:0/search"]
     assert {e.name: e.model for e in handle.executors}["cpu:0/search"] is second
-    info = model_info(handle)
-    assert info["devices"] == ["cpu", "cpu:0"] and info["device"] == "cpu"
-    assert model_info_message(info, is_default=True).device == "cpu,cpu:0"
+    info = two_replica_engine.info().model("tiny")
+    assert info.devices == ("cpu", "cpu:0") and info.device == "cpu"
+    assert model_info_message(info).device == "cpu,cpu:0"
     budget = handle.scheduler.max_batch_tokens
     assert handle.scheduler.max_queued_tokens == two_replica_engine.config.queued_token_limit("cpu", budget) * 2
 
