@@ -1,36 +1,32 @@
 """What infercore knows about a model id before it looks at the model's directory.
 
 A catalog entry fills in what a checkpoint directory does not say (task, prompts, limits, Matryoshka
-dimensions, end-of-life date) and, for starter models, where the weights ship. What a directory's
-own files say wins over the catalog, and an ``infercore.json`` settings file wins over both.
-Later families add their entries to ``CATALOG``.
+dimensions, end-of-life date: any ``ModelSettings`` field) and, for starter models, where the weights
+ship. What a directory's own files say wins over the catalog, and an ``infercore.json`` settings
+file wins over both (models/settings.py). Later families add their entries to ``CATALOG``.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import importlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .settings import ModelSettings
+
+# The tasks a model can serve: the one list (the loader, the server and every dialect read it).
 TASKS = ("text_embedding", "sparse_embedding", "rerank")
 
 
-@dataclass(frozen=True)
-class CatalogEntry:
+@dataclass(frozen=True, kw_only=True)
+class CatalogEntry(ModelSettings):
+    """A model id's settings (every ``ModelSettings`` field; ``task`` is required) and catalog facts."""
+
     id: str
     task: str
     family: str
-    description: str = ""
-    pooling: str | None = None
-    prompts: dict[str, str] = field(default_factory=dict)
-    default_prompt_name: str | None = None
-    max_input_tokens: int | None = None
-    matryoshka_dimensions: tuple[int, ...] = ()
-    similarity: str = "cosine"
-    end_of_life_date: dt.date | None = None
     # Starter models ship inside a PyPI package: (import name, function returning the model dir, or
     # "" to take ``starter_subdir`` of the package's folder without importing it).
     starter_package: tuple[str, str] | None = None
@@ -38,20 +34,10 @@ class CatalogEntry:
     starter_subdir: str | None = None
     # How to install the starter package (for messages).
     starter_install: str = ""
-    # multi-task models: task name → instruction prefix, and the task used when a request names none
-    tasks: dict[str, str] = field(default_factory=dict)
-    default_task: str | None = None
     # Recognition of a model directory served under another id: config.json values (a callable
     # tests the value) that all must match, or the directory's name (e.g. the HF repo name).
     config_match: dict[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
-    # rerank: the query's token cap, and sliding windows (with this overlap) over long documents
-    max_query_tokens: int | None = None
-    rerank_windows: bool = False
-    window_overlap_tokens: int = 80
-    # listwise rerank (jina-reranker-v3): documents per prompt block, and each document's token cap
-    rerank_block_documents: int | None = None
-    max_document_tokens: int | None = None
 
     def starter_path(self) -> Path | None:
         """The model directory inside the starter package, or None if the package is not installed."""

@@ -136,7 +136,7 @@ def describe_model(model: ServedModel, devices: list[str], max_batch_tokens: int
         is_default=is_default,
         dimensions=model.dimensions,
         matryoshka_dimensions=tuple(model.matryoshka_dimensions),
-        similarity=model.catalog.similarity if model.catalog else "cosine",
+        similarity=model.settings.similarity,
         pooling=model.runner.pooling,
         prompts=dict(model.prompts),
         default_prompt_name=model.default_prompt_name,
