@@ -218,19 +218,22 @@ def add_server_flags(parser: argparse.ArgumentParser, names: Iterable[str] | Non
         from_env = os.environ.get(env) if env else None
         default = f.default_factory() if f.default is MISSING else f.default
         help = flag.help + (f" [env: {env}]" if env else "")
-        options: dict[str, Any] = {"dest": f.name, "help": help, "metavar": flag.metavar}
+        name = flag_name(f, flag)
+        options: dict[str, Any] = {"dest": f.name, "help": help}
         if flag.switch:
             options["action"] = argparse.BooleanOptionalAction
             options["default"] = default if from_env is None else from_env.lower() in _TRUE_WORDS
-        elif flag.repeatable:
-            options.update(action="append", default=[])
         else:
-            # argparse runs ``parse`` on a string default too: a bad environment value is refused as a
-            # bad flag value would be.
-            options.update(default=default if from_env is None else from_env, type=flag.parse, choices=flag.choices)
-        if options["metavar"] is None:
-            del options["metavar"]
-        parser.add_argument(flag_name(f, flag), **options)
+            if not flag.choices:  # argparse shows the choices themselves
+                options["metavar"] = flag.metavar or name.removeprefix("--").upper().replace("-", "_")
+            if flag.repeatable:
+                options.update(action="append", default=[])
+            else:
+                # argparse runs ``parse`` on a string default too: a bad environment value is refused
+                # as a bad flag value would be.
+                options.update(default=default if from_env is None else from_env, type=flag.parse,
+                               choices=flag.choices)
+        parser.add_argument(name, **options)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

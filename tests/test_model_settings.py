@@ -60,7 +60,7 @@ def test_the_settings_file_is_parsed_into_typed_values_or_refused_naming_the_key
     assert parsed == {"matryoshka_dimensions": (64, 128), "end_of_life_date": dt.date(2030, 1, 31)}
     with pytest.raises(CheckpointError, match=r"here.json has unknown keys \['similarity'\]"):
         parse_settings_file({"similarity": "cosine"}, "here.json")
-    with pytest.raises(CheckpointError, match="here.json: end_of_life_date 'soon' is not a date"):
+    with pytest.raises(CheckpointError, match=r"here\.json: end_of_life_date 'soon' is not a date"):
         parse_settings_file({"end_of_life_date": "soon"}, "here.json")
 
 
