@@ -18,6 +18,7 @@ from ..kernels.self_check import check_kernels_once, model_kernel_shapes
 from ..kernels.triton_support import triton_available
 from .catalog import CatalogEntry, lookup, recognise
 from .checkpoint import CheckpointError, open_weights
+from .devices import resolve_device, resolve_dtype
 from .eland import materialize_eland
 from .embedding import DenseLayer, EmbeddingModel
 from .families import Family, family_for_config
@@ -106,91 +107,6 @@ class ServedModel:
         return {} if shapes is None else check_kernels_once(shapes, self.device, self.dtype)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"device {device!r} requested but no CUDA device is available")
-    return resolved
-
-
-DEVICE_FORMS = "auto, cpu, cuda, cuda:N, cuda:all, or a comma-separated list of CUDA devices (cuda:0,cuda:1)"
-
-
-def resolve_devices(spec: str) -> list[torch.device]:
-    """The devices ``--device`` names; the server loads one replica of each model on each.
-
-    ``auto``: every visible CUDA device, or the CPU when there is none. ``cpu``; ``cuda`` (= cuda:0);
-    ``cuda:N``; ``cuda:all``: every visible CUDA device; ``cuda:0,cuda:2``: those devices, in that
-    order. CUDA_VISIBLE_DEVICES decides what is visible (and numbers it from 0). Raises
-    CheckpointError naming the problem: an unknown device, one listed twice, the CPU in a list, an
-    index beyond the visible devices, CUDA without a CUDA device.
-    """
-    spec = spec.strip()
-    entries = [entry.strip() for entry in spec.split(",")]
-    if not all(entries):
-        raise CheckpointError(f"device list {spec!r} has an empty entry; expected {DEVICE_FORMS}")
-    if entries == ["auto"]:
-        entries = ["cuda:all"] if torch.cuda.is_available() else ["cpu"]
-    if "cuda:all" in entries:
-        if len(entries) > 1:
-            raise CheckpointError(
-                f"device list {spec!r}: cuda:all already names every CUDA device; list nothing beside it"
-            )
-        return [torch.device("cuda", i) for i in range(_visible_cuda_devices(spec))]
-    parsed = [_parse_device(entry, spec) for entry in entries]
-    if any(device.type == "cpu" for device in parsed):
-        if len(parsed) > 1:
-            raise CheckpointError(
-                f"device list {spec!r}: cpu cannot be combined with other devices (a list names CUDA devices only)"
-            )
-        return [torch.device("cpu")]
-    available = _visible_cuda_devices(spec)
-    devices: list[torch.device] = []
-    for entry, device in zip(entries, parsed):
-        if device.index >= available:
-            raise CheckpointError(
-                f"device {entry!r} requested but only {available} CUDA device{'s' if available > 1 else ''} "
-                f"{'are' if available > 1 else 'is'} visible (cuda:0 to cuda:{available - 1})"
-            )
-        if device in devices:
-            raise CheckpointError(f"device list {spec!r} names {device} twice")
-        devices.append(device)
-    return devices
-
-
-def _parse_device(entry: str, spec: str) -> torch.device:
-    """One entry of a device list: the CPU, or a CUDA device with its index (cuda = cuda:0)."""
-    if entry == "auto":
-        raise CheckpointError(f"device list {spec!r}: auto cannot be combined with other devices")
-    try:
-        device = torch.device(entry)
-    except RuntimeError:
-        raise CheckpointError(f"unknown device {entry!r}; expected {DEVICE_FORMS}") from None
-    if device.type == "cpu":
-        return torch.device("cpu")
-    if device.type != "cuda":
-        raise CheckpointError(f"device {entry!r} is not supported; expected {DEVICE_FORMS}")
-    return torch.device("cuda", device.index or 0)
-
-
-def _visible_cuda_devices(spec: str) -> int:
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        raise CheckpointError(f"device {spec!r} requested but no CUDA device is available")
-    return count
-
-
-def resolve_dtype(dtype: str, device: torch.device, family: Family) -> torch.dtype:
-    if dtype == "auto":
-        return family.cuda_dtype if device.type == "cuda" else torch.float32
-    resolved = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    if device.type == "cpu" and resolved == torch.float16:
-        raise CheckpointError("float16 is not supported on CPU; use float32 or bfloat16")
-    return resolved
-
-
 def infer_task(spec: ModelDirSpec, entry: CatalogEntry | None) -> str:
     if "task" in spec.settings:
         return spec.settings["task"]
@@ -277,7 +193,7 @@ def load_model(
     require_served_task(task, spec.path)
     family = family_for_config(spec.config)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device, family)
+    torch_dtype = resolve_dtype(dtype, torch_device, family.cuda_dtype)
 
     reader = WeightReader(open_weights(spec.path), torch_device, torch_dtype, model_dir=spec.path)
     encoder = family.encoder.from_checkpoint(spec.config, reader)

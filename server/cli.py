@@ -237,7 +237,7 @@ def _tls_files(args: argparse.Namespace) -> dict[str, Path | None]:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..models.loader import resolve_devices
+    from ..models.devices import resolve_devices
     from .app import DrainingServer, create_app
     from .engine import Engine
     from .tls import uvicorn_tls_options

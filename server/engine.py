@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 
 from ..models.checkpoint import CheckpointError
+from ..models.devices import resolve_devices
 from ..models.embedding import EmbedOptions
 from ..models.listwise import ListwiseReranker
-from ..models.loader import ServedModel, load_model, resolve_devices
+from ..models.loader import ServedModel, load_model
 from ..models.repository import resolve_sources
 from ..models.sparse import SparseOptions
 from ..models.tokenizer import InputTooLong, Token, TokenizedInput
