@@ -38,8 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import varlen_attention
+from .bert import load_classifier_head
 from .checkpoint import CheckpointError
-from .layers import WeightReader, assign, find_prefix, load_layer_norm, rope_inv_freq
+from .contract import Heads
+from .layers import WeightReader, apply_rope, assign, find_prefix, load_layer_norm, rope_cos_sin, rope_inv_freq
 from .packing import PackedBatch
 
 MODEL_TYPES = ("xlm-roberta", "jina_clip")
@@ -59,6 +61,9 @@ JINA_V3_CONFIG: dict[str, Any] = {
 # Jina's flash MLP applies GELU whatever ``hidden_act`` says; tanh-approximated for these names.
 _GELU_TANH = ("gelu_new", "gelu_fast", "gelu_pytorch_tanh")
 _GELU_ACTS = ("gelu", "gelu_python", *_GELU_TANH)
+
+# Heads: the (XLM-)RoBERTa sequence-classification layout (bert.py); the masked-LM head is not read.
+HEADS = Heads(classifier=load_classifier_head, weight_prefixes=("pooler.", "lm_head.", "classifier."))
 
 _ORIGINAL = ".parametrizations.weight.original"
 _LORA_A = ".parametrizations.weight.0.lora_A"
@@ -301,22 +306,6 @@ class JinaEmbeddings(nn.Module):
         load_layer_norm(self.norm, reader, prefix + "emb_ln")
 
 
-def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, 1, rotary_dim / 2] in fp32 for the packed tokens' positions."""
-    angles = positions.to(torch.float32).unsqueeze(1) * inv_freq
-    return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on the first rotary_dim channels of x [T, H, D], computed in fp32."""
-    rotary_dim = 2 * cos.shape[-1]
-    x1, x2 = x[..., :rotary_dim].float().chunk(2, dim=-1)
-    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-    if rotary_dim == x.shape[-1]:
-        return rotated
-    return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
-
-
 class JinaLayer(nn.Module):
     """Post-LN block with fused Wqkv, RoPE on q and k, and LoRA on all four Linears."""
 
@@ -342,7 +331,7 @@ class JinaLayer(nn.Module):
     ) -> torch.Tensor:
         tokens = x.shape[0]
         q, k, v = self.qkv(x, gate).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        q, k = apply_rope(q, *rotary), apply_rope(k, *rotary)
         attn = varlen_attention(q, k, v, batch).reshape(tokens, -1)
         x = self.attn_norm(x + self.attn_out(attn, gate))
         hidden = F.gelu(self.ffn_in(x, gate), approximate=self.gelu_approximate)
@@ -368,6 +357,7 @@ class JinaXlmrEncoder(nn.Module):
         self.config = cfg
         self.hidden_size = cfg.hidden_size
         self.max_positions = cfg.max_positions
+        self.weight_prefix = ""
         self.adapter_names = cfg.adapter_names
         # task → instruction prefix as the config states it (jina-embeddings-v3's task_instructions)
         self.task_instructions = dict(cfg.task_instructions)
@@ -378,7 +368,7 @@ class JinaXlmrEncoder(nn.Module):
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         gate = self.lora_gate(batch)
-        rotary = rotary_tables(batch.positions, self.inv_freq)
+        rotary = rope_cos_sin(batch.positions, self.inv_freq, torch.float32)  # rotated in fp32
         x = self.embeddings(batch, gate)
         for layer in self.layers:
             x = layer(x, batch, rotary, gate)

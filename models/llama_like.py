@@ -42,7 +42,8 @@ from ..kernels import fused_norm
 from ..kernels.fused_norm import add_rms_norm_triton, rms_norm_triton
 from .attention import varlen_attention
 from .checkpoint import CheckpointError
-from .layers import WeightReader, activation, assign, find_prefix, rope_inv_freq
+from .contract import Heads
+from .layers import WeightReader, activation, apply_rope, assign, find_prefix, rope_cos_sin, rope_inv_freq
 from .packing import CPU_MIN_TOKENS, PackedBatch
 
 # Folder of a model directory that holds one PEFT LoRA folder per task.
@@ -58,6 +59,10 @@ PROJECTIONS: dict[str, tuple[str, int]] = {
     "mlp.up_proj": ("gate_up", 1),
     "mlp.down_proj": ("down", 0),
 }
+
+# EuroBERT's and jina-embeddings-v5's heads: none read (``lm_head`` is the LM's, not an embedder's).
+# Qwen3's add jina-reranker-v3's projector (listwise.QWEN3_HEADS).
+HEADS = Heads(weight_prefixes=("lm_head.",))
 
 # Fewest rows a low-rank matmul runs over (see TaskRows.computed).
 MIN_LORA_ROWS = CPU_MIN_TOKENS
@@ -154,23 +159,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
-
-
-def rope_cos_sin(
-    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """[T, head_dim] cos and sin for each token's position: angles in fp32 (a bf16 position times a
-    frequency loses the low bits at long range), cast to the activations' dtype afterwards."""
-    freqs = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)
-    angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x [T, heads, head_dim] with cos/sin [T, head_dim]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 
 
 @dataclass(frozen=True)
@@ -290,7 +278,7 @@ class LlamaLikeLayer(nn.Module):
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn = varlen_attention(q, k, v, batch, causal=self.causal).reshape(tokens, -1)
         if fused_norm.use_fused_kernels(x):  # residual add + RMSNorm in one kernel
             x, normed = add_rms_norm_triton(self.o(attn, routes), x, self.mlp_norm.weight, self.mlp_norm.eps)
@@ -324,12 +312,15 @@ class LlamaLikeEncoder(nn.Module):
         self.config = cfg
         self.hidden_size = cfg.hidden_size
         self.max_positions = cfg.max_position_embeddings
+        self.weight_prefix = ""
+        # Task adapters, in the order of their indices in the layers' deltas; no config-stated
+        # instructions (jina-embeddings-v5's prompts are the catalog's).
+        self.adapter_names: tuple[str, ...] = ()
+        self.task_instructions: dict[str, str] = {}
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaLikeLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
-        # Task adapters, in the order of their indices in the layers' deltas.
-        self.adapter_names: tuple[str, ...] = ()
 
     @classmethod
     def config_from_hf(cls, config: dict[str, Any]) -> LlamaLikeConfig:
@@ -338,7 +329,7 @@ class LlamaLikeEncoder(nn.Module):
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         routes = self.adapter_routes(batch)
         x = self.embed_tokens(batch.input_ids)
-        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, x.dtype)
+        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, x.dtype)  # rotated in the activations' dtype
         for layer in self.layers:
             x = layer(x, batch, cos, sin, routes)
         return self.norm(x)

@@ -18,22 +18,21 @@ from ..kernels.self_check import check_kernels_once, model_kernel_shapes
 from ..kernels.triton_support import triton_available
 from .catalog import CatalogEntry, lookup, recognise
 from .checkpoint import CheckpointError, open_weights
+from .contract import TASKS, Encoder, Runner
 from .devices import resolve_device, resolve_dtype
 from .eland import materialize_eland
 from .embedding import DenseLayer, EmbeddingModel
 from .families import Family, family_for_config
 from .layers import WeightReader
-from .listwise import BLOCK_DOCUMENTS, MAX_DOCUMENT_TOKENS, ListwiseReranker, has_listwise_head
+from .listwise import BLOCK_DOCUMENTS, MAX_DOCUMENT_TOKENS, ListwiseReranker
 from .model_dir import ModelDirSpec, read_model_dir
 from .packing import pack_sequences
-from .rerank import RerankModel, load_classifier_head
+from .rerank import RerankModel
 from .sparse import SparseEmbeddingModel
 from .tokenizer import TextTokenizer
 
 log = logging.getLogger("infercore.models")
 
-# Checkpoint entries that a task's head may not use and whose presence is normal.
-_IGNORED_PREFIXES = ("pooler.", "cls.", "classifier.", "lm_head.")
 _IGNORED_SUFFIXES = ("position_ids",)  # a buffer old transformers versions saved
 # tokenizer_config.json uses a huge sentinel for "no limit"
 _TOKENIZER_NO_LIMIT = 1_000_000
@@ -49,7 +48,7 @@ class ServedModel:
     family: str
     path: Path
     tokenizer: TextTokenizer
-    runner: EmbeddingModel | SparseEmbeddingModel | RerankModel | ListwiseReranker
+    runner: Runner
     max_input_tokens: int
     dimensions: int
     device: torch.device
@@ -103,7 +102,7 @@ class ServedModel:
         if not triton_available():
             return {}
         vocab = self.dimensions if self.task == "sparse_embedding" else None
-        shapes = model_kernel_shapes(getattr(self.runner, "encoder", None), vocab)
+        shapes = model_kernel_shapes(self.runner.encoder, vocab)
         return {} if shapes is None else check_kernels_once(shapes, self.device, self.dtype)
 
 
@@ -123,13 +122,9 @@ def infer_task(spec: ModelDirSpec, entry: CatalogEntry | None) -> str:
     return "text_embedding"
 
 
-# Tasks this build has heads for.
-SERVED_TASKS = ("text_embedding", "sparse_embedding", "rerank")
-
-
 def require_served_task(task: str, path: Path) -> None:
-    if task not in SERVED_TASKS:
-        raise CheckpointError(f"{path}: task {task!r} is not served by this build (served: {', '.join(SERVED_TASKS)})")
+    if task not in TASKS:
+        raise CheckpointError(f"{path}: task {task!r} is not served by this build (served: {', '.join(TASKS)})")
 
 
 def build_runner(
@@ -137,26 +132,33 @@ def build_runner(
     spec: ModelDirSpec,
     entry: CatalogEntry | None,
     family: Family,
-    encoder: torch.nn.Module,
+    encoder: Encoder,
     reader: WeightReader,
     device: torch.device,
-) -> EmbeddingModel | SparseEmbeddingModel | RerankModel | ListwiseReranker:
-    """The task's head on top of the encoder."""
+) -> Runner:
+    """The task's head on top of the encoder, loaded by the family's own head loader."""
+    heads = family.heads
     if task == "sparse_embedding":
-        if family.mlm_head is None:
+        if heads.mlm is None:
             raise CheckpointError(f"{spec.path}: the {family.name} family has no masked-LM head for sparse embedding")
-        return SparseEmbeddingModel(encoder, family.mlm_head(encoder, reader))
-    if task == "rerank" and has_listwise_head(encoder, reader):
+        return SparseEmbeddingModel(encoder, heads.mlm(encoder, reader))
+    projector = heads.listwise(encoder, reader) if task == "rerank" and heads.listwise is not None else None
+    if projector is not None:
         settings = spec.settings
         return ListwiseReranker.from_checkpoint(
-            encoder, reader, spec.tokenizer_file,
+            encoder, projector, spec.tokenizer_file,
             block_documents=int(settings.get("rerank_block_documents")
                                 or (entry and entry.rerank_block_documents) or BLOCK_DOCUMENTS),
             max_document_tokens=int(settings.get("max_document_tokens")
                                     or (entry and entry.max_document_tokens) or MAX_DOCUMENT_TOKENS),
         )
     if task == "rerank":
-        return RerankModel(encoder, load_classifier_head(encoder, reader, spec.config))
+        if heads.classifier is None:
+            readable = " (jina-reranker-v3's projector.*)" if heads.listwise is not None else ""
+            raise CheckpointError(
+                f"{spec.path}: the checkpoint has no reranking head the {family.name} family reads{readable}"
+            )
+        return RerankModel(encoder, heads.classifier(encoder, reader, spec.config))
     pooling = spec.pooling or (entry.pooling if entry else None) or "mean"
     dense = [DenseLayer(d, device) for d in spec.dense]
     return EmbeddingModel(encoder, pooling, dense)
@@ -200,7 +202,8 @@ def load_model(
     runner = build_runner(task, spec, entry, family, encoder, reader, torch_device)
     unused = [
         k for k in reader.unused()
-        if not k.removeprefix(encoder.weight_prefix).startswith(_IGNORED_PREFIXES) and not k.endswith(_IGNORED_SUFFIXES)
+        if not k.removeprefix(encoder.weight_prefix).startswith(family.heads.weight_prefixes)
+        and not k.endswith(_IGNORED_SUFFIXES)
     ]
     if unused:
         log.warning("model %s: %d checkpoint weights unused (e.g. %s)", model_id, len(unused), ", ".join(unused[:3]))
@@ -218,8 +221,8 @@ def load_model(
     max_query = settings.get("max_query_tokens") or (entry.max_query_tokens if entry else None) or limit // 2
     windows = settings.get("rerank_windows", entry.rerank_windows if entry else False)
     tasks = dict(settings.get("tasks") or (entry.tasks if entry else {}))
-    adapters = tuple(getattr(encoder, "adapter_names", ()))
-    instructions = getattr(encoder, "task_instructions", {})
+    adapters = encoder.adapter_names
+    instructions = encoder.task_instructions
     for name in adapters:
         tasks.setdefault(name, instructions.get(name, ""))
     if adapters and set(tasks) - set(adapters):
