@@ -39,7 +39,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..kernels import fused_norm
-from ..kernels.fused_norm import add_rms_norm_triton, rms_norm_triton
 from .attention import varlen_attention
 from .checkpoint import CheckpointError
 from .contract import Heads
@@ -146,7 +145,8 @@ def _rope_theta(config: dict[str, Any]) -> float:
 
 
 class RMSNorm(nn.Module):
-    """Normalise in fp32, cast back, then scale (the order Qwen3/EuroBERT/Llama use in bf16)."""
+    """Normalise in fp32, cast back, then scale (the order Qwen3/EuroBERT/Llama use in bf16): the
+    kernels' ``fused_norm.rms_norm``, its Triton kernel on CUDA and its torch reference elsewhere."""
 
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -154,11 +154,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_norm.use_fused_kernels(x):
-            return rms_norm_triton(x, self.weight, self.eps)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return fused_norm.rms_norm(x, self.weight, self.eps)
 
 
 @dataclass(frozen=True)
@@ -280,11 +276,8 @@ class LlamaLikeLayer(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn = varlen_attention(q, k, v, batch, causal=self.causal).reshape(tokens, -1)
-        if fused_norm.use_fused_kernels(x):  # residual add + RMSNorm in one kernel
-            x, normed = add_rms_norm_triton(self.o(attn, routes), x, self.mlp_norm.weight, self.mlp_norm.eps)
-        else:
-            x = x + self.o(attn, routes)
-            normed = self.mlp_norm(x)
+        # Residual add + RMSNorm: one kernel on CUDA.
+        x, normed = fused_norm.add_rms_norm(self.o(attn, routes), x, self.mlp_norm.weight, self.mlp_norm.eps)
         gate, up = self.gate_up(normed, routes).chunk(2, dim=-1)
         return x + self.down(self.act(gate) * up, routes)
 
