@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .contract import TASKS
 from .settings import ModelSettings
 
 # The tasks a model can serve: the one list (the loader, the server and every dialect read it).
-TASKS = ("text_embedding", "sparse_embedding", "rerank")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,11 +90,6 @@ def _matches(value: Any, expected: Any) -> bool:
     return value == expected
 
 
-def _auto_map_names(fragment: str):
-    """A config_match test: some ``auto_map`` target mentions ``fragment``."""
-    return lambda auto_map: isinstance(auto_map, dict) and any(fragment in str(v) for v in auto_map.values())
-
-
 def starter_entries() -> list[CatalogEntry]:
     return [e for e in CATALOG.values() if e.starter_package is not None]
 
@@ -144,7 +139,7 @@ register(
 
 # jina-embeddings-v5: four PEFT LoRA task adapters under adapters/<task>/ (names as in vLLM's loader,
 # which also defaults to "retrieval"); the tasks add no instruction of their own, the query/document
-# prompts do. reference/models_arch.md §3/§4.
+# prompts do ("Query: " / "Document: ", as the model cards state).
 JINA_V5_TASKS = {"retrieval": "", "text-matching": "", "classification": "", "clustering": ""}
 JINA_V5_PROMPTS = {"query": "Query: ", "document": "Document: "}
 
@@ -189,7 +184,7 @@ register(
 )
 
 # jina-embeddings-v3: task → instruction prefix (config.json ``task_instructions``; the LoRA adapter of the
-# same name is picked per input). reference/models_arch.md §2.
+# same name is picked per input), as the published config.json states them.
 JINA_V3_QUERY_INSTRUCTION = "Represent the query for retrieving evidence documents: "
 JINA_V3_TASKS = {
     "retrieval.query": JINA_V3_QUERY_INSTRUCTION,
@@ -272,7 +267,7 @@ register(
 
 # jina-reranker-v3 (JinaForRanking): Qwen3-0.6B with an MLP projector, listwise. The published rerank() cuts
 # the query to 512 tokens and documents to 2048, and puts up to 125 documents in one prompt of the model's
-# 131072-token context (reference/models_arch.md §8).
+# 131072-token context (its config.json's max_position_embeddings).
 register(
     CatalogEntry(
         id="jina-reranker-v3",

@@ -17,24 +17,24 @@ import torch
 
 from ..kernels.self_check import check_kernels_once, model_kernel_shapes
 from ..kernels.triton_support import triton_available
-from .catalog import TASKS, CatalogEntry, lookup, recognise
+from .catalog import CatalogEntry, lookup, recognise
 from .checkpoint import CheckpointError, open_weights
+from .contract import TASKS, Encoder, Runner
+from .devices import resolve_device, resolve_dtype
 from .eland import materialize_eland
 from .embedding import DenseLayer, EmbeddingModel
 from .families import Family, family_for_config
 from .layers import WeightReader
-from .listwise import BLOCK_DOCUMENTS, MAX_DOCUMENT_TOKENS, ListwiseReranker, has_listwise_head
+from .listwise import BLOCK_DOCUMENTS, MAX_DOCUMENT_TOKENS, ListwiseReranker
 from .model_dir import ModelDirSpec, read_model_dir
 from .packing import pack_sequences
-from .rerank import RerankModel, load_classifier_head
+from .rerank import RerankModel
 from .settings import ModelSettings
 from .sparse import SparseEmbeddingModel
 from .tokenizer import TextTokenizer
 
 log = logging.getLogger("infercore.models")
 
-# Checkpoint entries that a task's head may not use and whose presence is normal.
-_IGNORED_PREFIXES = ("pooler.", "cls.", "classifier.", "lm_head.")
 _IGNORED_SUFFIXES = ("position_ids",)  # a buffer old transformers versions saved
 # tokenizer_config.json uses a huge sentinel for "no limit"
 _TOKENIZER_NO_LIMIT = 1_000_000
@@ -50,7 +50,7 @@ class ServedModel:
     family: str
     path: Path
     tokenizer: TextTokenizer
-    runner: EmbeddingModel | SparseEmbeddingModel | RerankModel | ListwiseReranker
+    runner: Runner
     max_input_tokens: int
     dimensions: int
     device: torch.device
@@ -107,93 +107,8 @@ class ServedModel:
         if not triton_available():
             return {}
         vocab = self.dimensions if self.task == "sparse_embedding" else None
-        shapes = model_kernel_shapes(getattr(self.runner, "encoder", None), vocab)
+        shapes = model_kernel_shapes(self.runner.encoder, vocab)
         return {} if shapes is None else check_kernels_once(shapes, self.device, self.dtype)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"device {device!r} requested but no CUDA device is available")
-    return resolved
-
-
-DEVICE_FORMS = "auto, cpu, cuda, cuda:N, cuda:all, or a comma-separated list of CUDA devices (cuda:0,cuda:1)"
-
-
-def resolve_devices(spec: str) -> list[torch.device]:
-    """The devices ``--device`` names; the server loads one replica of each model on each.
-
-    ``auto``: every visible CUDA device, or the CPU when there is none. ``cpu``; ``cuda`` (= cuda:0);
-    ``cuda:N``; ``cuda:all``: every visible CUDA device; ``cuda:0,cuda:2``: those devices, in that
-    order. CUDA_VISIBLE_DEVICES decides what is visible (and numbers it from 0). Raises
-    CheckpointError naming the problem: an unknown device, one listed twice, the CPU in a list, an
-    index beyond the visible devices, CUDA without a CUDA device.
-    """
-    spec = spec.strip()
-    entries = [entry.strip() for entry in spec.split(",")]
-    if not all(entries):
-        raise CheckpointError(f"device list {spec!r} has an empty entry; expected {DEVICE_FORMS}")
-    if entries == ["auto"]:
-        entries = ["cuda:all"] if torch.cuda.is_available() else ["cpu"]
-    if "cuda:all" in entries:
-        if len(entries) > 1:
-            raise CheckpointError(
-                f"device list {spec!r}: cuda:all already names every CUDA device; list nothing beside it"
-            )
-        return [torch.device("cuda", i) for i in range(_visible_cuda_devices(spec))]
-    parsed = [_parse_device(entry, spec) for entry in entries]
-    if any(device.type == "cpu" for device in parsed):
-        if len(parsed) > 1:
-            raise CheckpointError(
-                f"device list {spec!r}: cpu cannot be combined with other devices (a list names CUDA devices only)"
-            )
-        return [torch.device("cpu")]
-    available = _visible_cuda_devices(spec)
-    devices: list[torch.device] = []
-    for entry, device in zip(entries, parsed):
-        if device.index >= available:
-            raise CheckpointError(
-                f"device {entry!r} requested but only {available} CUDA device{'s' if available > 1 else ''} "
-                f"{'are' if available > 1 else 'is'} visible (cuda:0 to cuda:{available - 1})"
-            )
-        if device in devices:
-            raise CheckpointError(f"device list {spec!r} names {device} twice")
-        devices.append(device)
-    return devices
-
-
-def _parse_device(entry: str, spec: str) -> torch.device:
-    """One entry of a device list: the CPU, or a CUDA device with its index (cuda = cuda:0)."""
-    if entry == "auto":
-        raise CheckpointError(f"device list {spec!r}: auto cannot be combined with other devices")
-    try:
-        device = torch.device(entry)
-    except RuntimeError:
-        raise CheckpointError(f"unknown device {entry!r}; expected {DEVICE_FORMS}") from None
-    if device.type == "cpu":
-        return torch.device("cpu")
-    if device.type != "cuda":
-        raise CheckpointError(f"device {entry!r} is not supported; expected {DEVICE_FORMS}")
-    return torch.device("cuda", device.index or 0)
-
-
-def _visible_cuda_devices(spec: str) -> int:
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        raise CheckpointError(f"device {spec!r} requested but no CUDA device is available")
-    return count
-
-
-def resolve_dtype(dtype: str, device: torch.device, family: Family) -> torch.dtype:
-    if dtype == "auto":
-        return family.cuda_dtype if device.type == "cuda" else torch.float32
-    resolved = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    if device.type == "cpu" and resolved == torch.float16:
-        raise CheckpointError("float16 is not supported on CPU; use float32 or bfloat16")
-    return resolved
 
 
 def infer_task(spec: ModelDirSpec, entry: CatalogEntry | None) -> str:
@@ -222,23 +137,30 @@ def build_runner(
     spec: ModelDirSpec,
     settings: ModelSettings,
     family: Family,
-    encoder: torch.nn.Module,
+    encoder: Encoder,
     reader: WeightReader,
     device: torch.device,
-) -> EmbeddingModel | SparseEmbeddingModel | RerankModel | ListwiseReranker:
-    """The task's head on top of the encoder."""
+) -> Runner:
+    """The task's head on top of the encoder, loaded by the family's own head loader."""
+    heads = family.heads
     if task == "sparse_embedding":
-        if family.mlm_head is None:
+        if heads.mlm is None:
             raise CheckpointError(f"{spec.path}: the {family.name} family has no masked-LM head for sparse embedding")
-        return SparseEmbeddingModel(encoder, family.mlm_head(encoder, reader))
-    if task == "rerank" and has_listwise_head(encoder, reader):
+        return SparseEmbeddingModel(encoder, heads.mlm(encoder, reader))
+    projector = heads.listwise(encoder, reader) if task == "rerank" and heads.listwise is not None else None
+    if projector is not None:
         return ListwiseReranker.from_checkpoint(
-            encoder, reader, spec.tokenizer_file,
+            encoder, projector, spec.tokenizer_file,
             block_documents=int(settings.rerank_block_documents or BLOCK_DOCUMENTS),
             max_document_tokens=int(settings.max_document_tokens or MAX_DOCUMENT_TOKENS),
         )
     if task == "rerank":
-        return RerankModel(encoder, load_classifier_head(encoder, reader, spec.config))
+        if heads.classifier is None:
+            readable = " (jina-reranker-v3's projector.*)" if heads.listwise is not None else ""
+            raise CheckpointError(
+                f"{spec.path}: the checkpoint has no reranking head the {family.name} family reads{readable}"
+            )
+        return RerankModel(encoder, heads.classifier(encoder, reader, spec.config))
     dense = [DenseLayer(d, device) for d in spec.dense]
     return EmbeddingModel(encoder, settings.pooling or "mean", dense)
 
@@ -274,14 +196,15 @@ def load_model(
     require_served_task(task, spec.path)
     family = family_for_config(spec.config)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device, family)
+    torch_dtype = resolve_dtype(dtype, torch_device, family.cuda_dtype)
 
     reader = WeightReader(open_weights(spec.path), torch_device, torch_dtype, model_dir=spec.path)
     encoder = family.encoder.from_checkpoint(spec.config, reader)
     runner = build_runner(task, spec, settings, family, encoder, reader, torch_device)
     unused = [
         k for k in reader.unused()
-        if not k.removeprefix(encoder.weight_prefix).startswith(_IGNORED_PREFIXES) and not k.endswith(_IGNORED_SUFFIXES)
+        if not k.removeprefix(encoder.weight_prefix).startswith(family.heads.weight_prefixes)
+        and not k.endswith(_IGNORED_SUFFIXES)
     ]
     if unused:
         log.warning("model %s: %d checkpoint weights unused (e.g. %s)", model_id, len(unused), ", ".join(unused[:3]))
@@ -294,8 +217,8 @@ def load_model(
 
     max_query = settings.max_query_tokens or limit // 2
     tasks = dict(settings.tasks)
-    adapters = tuple(getattr(encoder, "adapter_names", ()))
-    instructions = getattr(encoder, "task_instructions", {})
+    adapters = encoder.adapter_names
+    instructions = encoder.task_instructions
     for name in adapters:
         tasks.setdefault(name, instructions.get(name, ""))
     if adapters and set(tasks) - set(adapters):

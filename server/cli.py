@@ -64,7 +64,7 @@ def configure_logging(level: str) -> None:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..models.loader import resolve_devices
+    from ..models.devices import resolve_devices
     from .app import DrainingServer, create_app
     from .engine import Engine
     from .tls import uvicorn_tls_options

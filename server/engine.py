@@ -24,8 +24,9 @@ from typing import Any
 from .. import __version__
 from ..kernels import triton_support
 from ..models.checkpoint import CheckpointError
+from ..models.devices import resolve_devices
 from ..models.embedding import EmbedOptions
-from ..models.loader import ServedModel, load_model, resolve_devices
+from ..models.loader import ServedModel, load_model
 from ..models.repository import resolve_sources
 from ..models.sparse import SparseOptions
 from ..models.tokenizer import InputTooLong, Token, TokenizedInput

@@ -12,15 +12,15 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..models.catalog import TASKS as CATALOG_TASKS
+from ..models.contract import TASKS as MODEL_TASKS
 from .errors import ModelNotFound
 
 if TYPE_CHECKING:
     from ..models.loader import ServedModel
 
-# The tasks a model can serve, in the order front ends list them. The one list: the catalog, the
-# loader and every dialect read this definition.
-TASKS: tuple[str, ...] = CATALOG_TASKS
+# The tasks a model can serve, in the order front ends list them: the one list, defined by the model
+# contract (models/contract.py) and re-exported here so that dialects need not import models/.
+TASKS: tuple[str, ...] = MODEL_TASKS
 
 # Default task / prompt that search and ingest traffic get on models that embed queries and
 # documents differently (jina-embeddings-v3's retrieval.query / retrieval.passage adapters, the
@@ -144,7 +144,7 @@ def describe_model(model: ServedModel, devices: list[str], max_batch_tokens: int
         default_task=model.default_task,
         end_of_life_date=model.end_of_life_date,
         max_batch_tokens=max_batch_tokens,
-        reranker_kind=model.runner.kind if rerank else None,
+        reranker_kind=(LISTWISE if model.runner.listwise else CROSS_ENCODER) if rerank else None,
         max_query_tokens=model.max_query_tokens if rerank else None,
         rerank_windows=model.rerank_windows if rerank else False,
         window_overlap_tokens=model.window_overlap_tokens if rerank else None,

@@ -25,7 +25,6 @@ from ..models.embedding import EmbedOptions
 from ..models.tokenizer import InputTooLong, TokenizedInput
 from .canonical import EmbedResult, RerankRequest
 from .errors import PayloadTooLarge
-from .info import LISTWISE
 
 if TYPE_CHECKING:
     from .engine import ModelHandle
@@ -94,7 +93,7 @@ def strategy_for(target: ModelHandle | BiEncoderReranker) -> Strategy:
     """The strategy that scores documents for ``target``."""
     if isinstance(target, BiEncoderReranker):
         return bi_encoder_scores
-    if target.model.runner.kind == LISTWISE:
+    if target.model.runner.listwise:
         return listwise_scores
     return cross_encoder_scores
 
