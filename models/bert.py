@@ -31,7 +31,7 @@ from ..kernels import fused_norm
 from ..kernels.bias_gelu import bias_gelu, use_bias_gelu_kernel
 from .attention import varlen_attention
 from .checkpoint import CheckpointError
-from .contract import Heads
+from .contract import Encoder, Heads
 from .layers import GELU_APPROXIMATE, WeightReader, activation, assign, find_prefix, load_layer_norm, load_linear
 from .packing import PackedBatch
 from .rerank import ClassifierHead, require_one_label
@@ -253,7 +253,7 @@ def load_bert_mlm_head(encoder: BertEncoder, reader: WeightReader) -> MlmHead:
     return head.eval()
 
 
-def load_classifier_head(encoder: nn.Module, reader: WeightReader, config: dict[str, Any]) -> ClassifierHead:
+def load_classifier_head(encoder: Encoder, reader: WeightReader, config: dict[str, Any]) -> ClassifierHead:
     """The head of a one-label sequence-classification checkpoint, in whichever of the two layouts
     (module docstring) it has. Also the head of Jina's rotary XLM-R, whose checkpoints share the
     (XLM-)RoBERTa layout."""
@@ -279,7 +279,7 @@ def load_classifier_head(encoder: nn.Module, reader: WeightReader, config: dict[
     return head.eval()
 
 
-def _head_root(encoder: nn.Module) -> str:
+def _head_root(encoder: Encoder) -> str:
     """Where the heads sit: the backbone's prefix without the saving class's backbone name."""
     return encoder.weight_prefix.removesuffix("bert.").removesuffix("roberta.")
 
