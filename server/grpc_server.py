@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ..proto.v1 import inference_pb2_grpc as pb_grpc
 from .config import ServerConfig
+from .dialects import oip_grpc
 from .engine import Engine
 from .grpc_service import SERVICE_NAME, InferenceService
 
@@ -70,9 +71,12 @@ class GrpcServer:
         pb_grpc.add_InferenceServiceServicer_to_server(
             InferenceService(engine, config.grpc_stream_max_in_flight, config.api_key), self.server
         )
+        oip_grpc.pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            oip_grpc.OpenInferenceService(engine, config.api_key), self.server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (SERVICE_NAME, oip_grpc.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self._watcher: asyncio.Task | None = None
 

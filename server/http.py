@@ -121,12 +121,16 @@ def result_headers(result: EmbedResult) -> dict[str, str]:
     }
 
 
+def bearer_token_matches(header: str, api_key: str) -> bool:
+    """Whether an ``Authorization`` value (HTTP header or gRPC metadata) is ``Bearer <api_key>``."""
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
 def check_api_key(request: Request, api_key: str | None) -> None:
     if api_key is None:
         return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+    if not bearer_token_matches(request.headers.get("authorization", ""), api_key):
         raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
 
 
