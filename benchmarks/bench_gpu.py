@@ -33,8 +33,9 @@ Sections of the JSON (``benchmarks/results/bench_gpu.json``; the dry run writes
     server runs it) found failing or disagreeing with their reference on this GPU, and why.
 - ``sparse_vs_dense``: the SPLADE runner (``bert-base-mlm``) over the dense runner of the same
   encoder weights (``bert-base``), per mix.
-- ``kernels``: each Triton kernel against its torch reference at serving shapes: time, speedup,
-  max abs difference (and for SPLADE the peak extra memory of each).
+- ``kernels``: each Triton kernel against its torch reference at serving shapes (the sample cases
+  of ``kernels.registry``, drawn at those sizes): time, speedup, max abs difference (and for SPLADE
+  the peak extra memory of each).
 - ``targets``: issue 9's targets evaluated on the figures above.
 
 Inputs: text from ``corpus.passage_pool`` cut to a drawn token length under the WordPiece tokenizer
@@ -600,98 +601,63 @@ def bench_sentence_transformers(
 # ---- kernels -------------------------------------------------------------------------------------
 
 
-def _packed_lengths(lengths: list[int], device: Any) -> Any:
+# Registry case (kernels.registry) → its name in the JSON, each at one serving size in one dtype.
+KERNEL_CASES = {
+    "splade_pool": "splade_pool",
+    "segment_pool_mean_normalize": "segment_pool_mean_normalize",
+    "segment_pool_last_normalize": "segment_pool_last_normalize",
+    "add_layer_norm": "add_layer_norm",
+    "add_rms_norm": "add_rms_norm",
+    "rms_norm_heads": "rms_norm_heads",
+    "bias_gelu_none": "bias_gelu",
+}
+
+
+def kernel_cases(device: Any, dry_run: bool) -> Iterator[tuple[str, Any, dict[str, Any]]]:
+    """(JSON name, registry case, Triton tuning options) at serving shapes (dry run: tiny)."""
     import torch
 
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
-    return cu.to(device)
-
-
-def kernel_cases(device: Any, dry_run: bool) -> Iterator[tuple[str, dict[str, Any], Callable, Callable]]:
-    """(name, shape description, triton call, reference call) at serving shapes (dry run: tiny)."""
-    import torch
-
-    from infercore.kernels import bias_gelu, fused_norm, segment_pool, splade_pool
+    from infercore.kernels.registry import SPECS
+    from infercore.kernels.spec import SampleShapes
 
     half = torch.float16 if device.type == "cuda" else torch.float32
     bf16 = torch.bfloat16 if device.type == "cuda" else torch.float32
-    half_name, bf16_name = str(half).removeprefix("torch."), str(bf16).removeprefix("torch.")
-    gen = torch.Generator(device="cpu").manual_seed(0)
-
-    def randn(*shape: int, dtype: Any = torch.float32, scale: float = 1.0) -> Any:
-        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
-
-    # SPLADE: 48 passages of ~330 tokens through BERT-base's vocabulary product.
-    lengths = [5, 17, 3] if dry_run else [330] * 48
-    width, vocab = (32, 300) if dry_run else (768, 30522)
-    hidden, weight = randn(sum(lengths), width, dtype=half), randn(vocab, width, dtype=half, scale=0.05)
-    # Realistic sparsity at full size; a tiny case keeps every term active (more to compare).
-    bias, cu = randn(vocab, scale=0.1) - (0.0 if dry_run else 2.0), _packed_lengths(lengths, device)
-    yield (
-        "splade_pool", {"tokens": sum(lengths), "hidden": width, "vocab": vocab, "dtype": half_name},
-        lambda: _splade_kernel_call(splade_pool.splade_pool_triton, hidden, weight, bias.to(half), cu, dry_run),
-        lambda: splade_pool.splade_pool_reference(hidden, weight, bias.to(half), cu),
-    )
-    # Segment pooling fused with truncation + L2: 50 passages of ~330 tokens, hidden 1024.
-    lengths = [4, 1, 9] if dry_run else [330] * 50
-    width = 40 if dry_run else 1024
-    hidden, cu = randn(sum(lengths), width, dtype=bf16), _packed_lengths(lengths, device)
-    dims = torch.full((len(lengths),), width, device=device)
-    normalize = torch.ones(len(lengths), dtype=torch.bool, device=device)
-    for mode in ("mean", "last"):
-        yield (
-            f"segment_pool_{mode}_normalize", {"tokens": sum(lengths), "hidden": width, "dtype": bf16_name},
-            lambda mode=mode: segment_pool.segment_pool_triton(hidden, cu, mode, None, dims, normalize),
-            lambda mode=mode: segment_pool.pool_truncate_normalize_reference(hidden, cu, mode, dims, normalize),
-        )
-    tokens = 12 if dry_run else 16384
-    width = 24 if dry_run else 768
-    x, residual = randn(tokens, width, dtype=half), randn(tokens, width, dtype=half)
-    ln_w, ln_b, x_bias = randn(width, dtype=half), randn(width, dtype=half), randn(width, dtype=half)
-    yield (
-        "add_layer_norm", {"tokens": tokens, "hidden": width, "dtype": half_name},
-        lambda: fused_norm.add_layer_norm_triton(x, residual, ln_w, ln_b, 1e-12, x_bias),
-        lambda: fused_norm.add_layer_norm_reference(x, residual, ln_w, ln_b, 1e-12, x_bias),
-    )
-    width = 32 if dry_run else 1024
-    xr, rr, rw = randn(tokens, width, dtype=bf16), randn(tokens, width, dtype=bf16), randn(width, dtype=bf16)
-    yield (
-        "add_rms_norm", {"tokens": tokens, "hidden": width, "dtype": bf16_name},
-        lambda: fused_norm.add_rms_norm_triton(xr, rr, rw, 1e-6)[1],
-        lambda: fused_norm.add_rms_norm_reference(xr, rr, rw, 1e-6)[1],
-    )
-    heads, head_dim = (2, 8) if dry_run else (16, 128)
-    qkv = randn(tokens, 2 * heads * head_dim, dtype=bf16)
-    q, qw = qkv[:, : heads * head_dim].view(tokens, heads, head_dim), randn(head_dim, dtype=bf16)
-    yield (
-        "rms_norm_heads", {"tokens": tokens, "heads": heads, "head_dim": head_dim, "dtype": bf16_name},
-        lambda: fused_norm.rms_norm_triton(q, qw, 1e-6),
-        lambda: fused_norm.rms_norm_reference(q, qw, 1e-6),
-    )
-    inner = 40 if dry_run else 3072
-    h, hb = randn(tokens, inner, dtype=half, scale=2.0), randn(inner, dtype=half)
-    yield (
-        "bias_gelu", {"tokens": tokens, "width": inner, "dtype": half_name},
-        lambda: bias_gelu.bias_gelu_triton(h, hb, "none"),
-        lambda: bias_gelu.bias_gelu_reference(h, hb, "none"),
-    )
-
-
-def _splade_kernel_call(kernel: Callable, hidden: Any, weight: Any, bias: Any, cu: Any, dry_run: bool) -> Any:
-    # Small blocks under the interpreter, so a tiny case still spans several of each.
-    blocks = {"block_t": 16, "block_v": 64, "block_k": 16} if dry_run else {}
-    return kernel(hidden, weight, bias, cu, **blocks)
+    tokens = (12,) if dry_run else (16384,)
+    plan = {  # kernel → [(shapes, dtype, Triton options)]
+        # SPLADE: 48 passages of ~330 tokens through BERT-base's vocabulary product. Small blocks
+        # under the interpreter, so a tiny case still spans several of each.
+        "splade_pool": [(SampleShapes(32, 0, 0, 300, lengths=(5, 17, 3)), half,
+                         {"block_t": 16, "block_v": 64, "block_k": 16}) if dry_run
+                        else (SampleShapes(768, 0, 0, 30522, lengths=(330,) * 48), half, {})],
+        # Segment pooling fused with truncation + L2: 50 passages of ~330 tokens, hidden 1024.
+        "segment_pool": [(SampleShapes(40 if dry_run else 1024, 0, 0, lengths=(4, 1, 9) if dry_run else (330,) * 50),
+                          bf16, {})],
+        # add_layer_norm at BERT-base's width in fp16; the RMSNorms at Qwen3's in bf16.
+        "fused_norm": [(SampleShapes(24 if dry_run else 768, 0, 8, lengths=tokens), half, {}),
+                       (SampleShapes(32 if dry_run else 1024, 0, 8 if dry_run else 128, lengths=tokens,
+                                     heads=2 if dry_run else 16), bf16, {})],
+        "bias_gelu": [(SampleShapes(0, 40 if dry_run else 3072, 0, lengths=tokens), half, {})],
+    }
+    generator = torch.Generator().manual_seed(0)
+    for spec in SPECS:
+        taken = set()
+        for shapes, dtype, options in plan[spec.name]:
+            for case in spec.sample_cases(shapes, device, dtype, generator):
+                if case.name in KERNEL_CASES and case.name not in taken:
+                    taken.add(case.name)
+                    yield KERNEL_CASES[case.name], case, options
 
 
 def bench_kernels(device: Any, dry_run: bool) -> dict[str, Any]:
 
     out: dict[str, Any] = {"timing_meaningful": device.type == "cuda", "cases": {}}
-    for name, shape, triton_call, reference_call in kernel_cases(device, dry_run):
+    for name, case, options in kernel_cases(device, dry_run):
         try:
-            out["cases"][name] = bench_kernel(name, shape, triton_call, reference_call, device, dry_run)
+            out["cases"][name] = bench_kernel(
+                name, case.shape, lambda c=case, o=options: c.run_triton(**o), case.run_reference, device, dry_run
+            )
         except Exception as exc:  # report, time the other kernels
-            out["cases"][name] = {"shape": shape, "error": describe(exc)}
+            out["cases"][name] = {"shape": case.shape, "error": describe(exc)}
             print(f"  kernel {name:<28} FAILED: {describe(exc)}", flush=True)
         release_memory(device)
     return out

@@ -57,7 +57,7 @@ TASK_NAMES = {
     pb.MODEL_TASK_SPARSE_EMBEDDING: "sparse_embedding",
     pb.MODEL_TASK_RERANK: "rerank",
 }
-# HTTP status → the gRPC status the server gives the same request (server/grpc_service.py).
+# HTTP status → the gRPC status the server gives the same request (server/dialects/grpc.py).
 HTTP_CODES = {
     400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 410: "FAILED_PRECONDITION",
     413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL",

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import fused_norm
+from .spec import CompileVariant, KernelCase, KernelFunction, KernelSpec, SampleShapes, sampler
 from .triton_support import use_triton
 
 GELU_APPROXIMATIONS = ("none", "tanh")
@@ -82,3 +85,33 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") ->
     if use_bias_gelu_kernel(x):
         return bias_gelu_triton(x, bias, approximate)
     return bias_gelu_reference(x, bias, approximate)
+
+
+# ---- registry -----------------------------------------------------------------------------------
+
+def _sample_cases(
+    shapes: SampleShapes, device: torch.device, dtype: torch.dtype, generator: torch.Generator
+) -> list[KernelCase]:
+    randn = sampler(device, dtype, generator)
+    tokens, inner = shapes.tokens, shapes.intermediate_size
+    x, bias = randn(tokens, inner, scale=2.0), randn(inner)
+    shape = {"tokens": tokens, "width": inner, "dtype": str(dtype).removeprefix("torch.")}
+    return [KernelCase(f"bias_gelu_{a}", SPEC.functions["bias_gelu"], (x, bias, a), shape) for a in GELU_APPROXIMATIONS]
+
+
+def _compile_variants(arg_names: Sequence[str]) -> list[CompileVariant]:
+    return [
+        CompileVariant(f"tanh={tanh} {dtype}",
+                       {"x_ptr": dtype, "bias_ptr": dtype, "out_ptr": dtype, "numel": "i64", "width": "i32"},
+                       {"TANH": tanh, "BLOCK": BLOCK})
+        for tanh, dtype in itertools.product((False, True), ("*fp16", "*bf16"))
+    ]
+
+
+SPEC = KernelSpec(
+    name="bias_gelu",
+    functions={"bias_gelu": KernelFunction(bias_gelu_reference, bias_gelu_triton)},
+    jit=_triton_kernel,
+    sample_cases=_sample_cases,
+    compile_variants=_compile_variants,
+)

@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .spec import CompileVariant, KernelCase, KernelFunction, KernelSpec, SampleShapes, sampler
 from .triton_support import use_triton
 
 # Model layers take the fused path on CUDA while this is True.
@@ -232,3 +235,54 @@ def add_rms_norm(
     if use_fused_kernels(x):
         return add_rms_norm_triton(x, residual, weight, eps)
     return add_rms_norm_reference(x, residual, weight, eps)
+
+
+# ---- registry -----------------------------------------------------------------------------------
+
+def _sample_cases(
+    shapes: SampleShapes, device: torch.device, dtype: torch.dtype, generator: torch.Generator
+) -> list[KernelCase]:
+    randn = sampler(device, dtype, generator)
+    tokens, h, d = shapes.tokens, shapes.hidden_size, shapes.head_dim
+    x, residual, w, b, x_bias = randn(tokens, h), randn(tokens, h), randn(h), randn(h), randn(h)
+    # Query heads as the model norms them: a strided [T, heads, head_dim] view of a fused projection.
+    heads = randn(tokens, 2 * shapes.heads * d)[:, : shapes.heads * d].view(tokens, shapes.heads, d)
+    head_w = randn(d)
+    dtype_name = str(dtype).removeprefix("torch.")
+    functions = SPEC.functions
+    return [
+        KernelCase("add_layer_norm", functions["add_layer_norm"], (x, residual, w, b, 1e-5, x_bias),
+                   {"tokens": tokens, "hidden": h, "dtype": dtype_name}),
+        KernelCase("rms_norm_heads", functions["rms_norm"], (heads, head_w, 1e-6),
+                   {"tokens": tokens, "heads": shapes.heads, "head_dim": d, "dtype": dtype_name}),
+        KernelCase("add_rms_norm", functions["add_rms_norm"], (x, residual, w, 1e-6),
+                   {"tokens": tokens, "hidden": h, "dtype": dtype_name}, output=torch.cat),
+    ]
+
+
+def _compile_variants(arg_names: Sequence[str]) -> list[CompileVariant]:
+    # (IS_RMS, HAS_RESIDUAL, HAS_X_BIAS, STORE_SUM): add_layer_norm ±bias, rms_norm, add_rms_norm
+    flags = ((False, True, True, False), (False, True, False, False), (True, False, False, False),
+             (True, True, False, True))
+    variants = []
+    for (is_rms, residual, x_bias, store_sum), dtype in itertools.product(flags, ("*fp16", "*bf16")):
+        types = {name: dtype for name in arg_names if name.endswith("_ptr")}
+        types.update({name: "i32" for name in ("width", "inner", "stride_xo", "stride_xi", "stride_ro", "stride_ri")})
+        types["eps"] = "fp32"
+        constexprs = {"IS_RMS": is_rms, "HAS_RESIDUAL": residual, "HAS_X_BIAS": x_bias, "STORE_SUM": store_sum,
+                      "BLOCK_N": 1024}
+        variants.append(CompileVariant(f"{constexprs} {dtype}", types, constexprs))
+    return variants
+
+
+SPEC = KernelSpec(
+    name="fused_norm",
+    functions={
+        "add_layer_norm": KernelFunction(add_layer_norm_reference, add_layer_norm_triton),
+        "rms_norm": KernelFunction(rms_norm_reference, rms_norm_triton),
+        "add_rms_norm": KernelFunction(add_rms_norm_reference, add_rms_norm_triton),
+    },
+    jit=_triton_kernel,
+    sample_cases=_sample_cases,
+    compile_variants=_compile_variants,
+)

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
+from collections.abc import Sequence
 
 import torch
 
+from .spec import CompileVariant, KernelCase, KernelFunction, KernelSpec, SampleShapes, sampler
 from .triton_support import use_triton
 
 POOLING_MODES = ("cls", "mean", "max", "last", "mean_sqrt_len")
@@ -207,6 +210,19 @@ def segment_pool_triton(
     return out
 
 
+def pool_truncate_normalize_triton(
+    hidden: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    mode: str,
+    dims: torch.Tensor,
+    normalize: torch.Tensor,
+    skip_leading: torch.Tensor | None = None,
+    block_t: int | None = None,
+) -> torch.Tensor:
+    """The kernel with its epilogue, in the argument order of ``pool_truncate_normalize_reference``."""
+    return segment_pool_triton(hidden, cu_seqlens, mode, skip_leading, dims, normalize, block_t)
+
+
 def segment_pool(
     hidden: torch.Tensor,
     cu_seqlens: torch.Tensor,
@@ -229,5 +245,53 @@ def pool_truncate_normalize(
 ) -> torch.Tensor:
     """Dispatch (contract of ``pool_truncate_normalize_reference``): one fused kernel on CUDA."""
     if use_triton("segment_pool", hidden):
-        return segment_pool_triton(hidden, cu_seqlens, mode, skip_leading, dims, normalize)
+        return pool_truncate_normalize_triton(hidden, cu_seqlens, mode, dims, normalize, skip_leading)
     return pool_truncate_normalize_reference(hidden, cu_seqlens, mode, dims, normalize, skip_leading)
+
+
+# ---- registry -----------------------------------------------------------------------------------
+
+def _sample_cases(
+    shapes: SampleShapes, device: torch.device, dtype: torch.dtype, generator: torch.Generator
+) -> list[KernelCase]:
+    """Every pooling mode with the epilogue: sequences alternately skip a prompt, keep a Matryoshka
+    prefix and stay unnormalised, so each branch of the kernel runs."""
+    h, seqs = shapes.hidden_size, len(shapes.lengths)
+    hidden, cu = sampler(device, dtype, generator)(shapes.tokens, h), shapes.cu_seqlens(device)
+
+    def cycle(pattern: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor([pattern[i % len(pattern)] for i in range(seqs)], dtype=dtype, device=device)
+
+    dims = cycle((h, max(1, h // 2), h, h), torch.int32)
+    normalize = cycle((True, True, False, True), torch.bool)
+    skip = torch.minimum(cycle((1, 0, 2, 0), torch.int32), cu[1:] - cu[:-1] - 1)  # a token left to pool
+    shape = {"tokens": shapes.tokens, "hidden": h, "dtype": str(dtype).removeprefix("torch.")}
+    return [
+        KernelCase(f"segment_pool_{mode}_normalize", SPEC.functions["pool_truncate_normalize"],
+                   (hidden, cu, mode, dims, normalize, skip), shape)
+        for mode in POOLING_MODES
+    ]
+
+
+def _compile_variants(arg_names: Sequence[str]) -> list[CompileVariant]:
+    variants = []
+    for mode, (has_skip, epilogue), dtype in itertools.product(
+        range(len(POOLING_MODES)), ((False, False), (True, True)), ("*bf16", "*fp32")
+    ):
+        types = {name: "*i32" for name in arg_names if name.endswith("_ptr")}
+        types.update(hidden_ptr=dtype, out_ptr="*fp32", width="i32", stride_ht="i32", stride_hk="i32",
+                     stride_ob="i32")
+        constexprs = {"MODE": mode, "HAS_SKIP": has_skip, "EPILOGUE": epilogue, "BLOCK_T": 8, "BLOCK_H": 1024}
+        variants.append(CompileVariant(f"{constexprs} {dtype}", types, constexprs))
+    return variants
+
+
+SPEC = KernelSpec(
+    name="segment_pool",
+    functions={
+        "pool_truncate_normalize": KernelFunction(pool_truncate_normalize_reference, pool_truncate_normalize_triton)
+    },
+    jit=_triton_kernel,
+    sample_cases=_sample_cases,
+    compile_variants=_compile_variants,
+)

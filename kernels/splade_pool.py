@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
+from collections.abc import Sequence
 
 import torch
 
+from .spec import CompileVariant, KernelCase, KernelFunction, KernelSpec, SampleShapes, sampler
 from .triton_support import use_triton
 
 # Reference tile: logits are computed CHUNK_TOKENS tokens × VOCAB_BLOCK terms at a time (4 MiB in
@@ -183,3 +186,43 @@ def splade_pool(
     if use_triton("splade_pool", hidden):
         return splade_pool_triton(hidden, weight, bias, cu_seqlens)
     return splade_pool_reference(hidden, weight, bias, cu_seqlens)
+
+
+# ---- registry -----------------------------------------------------------------------------------
+
+def _sample_cases(
+    shapes: SampleShapes, device: torch.device, dtype: torch.dtype, generator: torch.Generator
+) -> list[KernelCase]:
+    """One case when the shapes have a vocabulary (SPLADE models), none otherwise."""
+    if not shapes.vocab_size:
+        return []
+    randn = sampler(device, dtype, generator)
+    h, vocab = shapes.hidden_size, shapes.vocab_size
+    weight, bias = randn(vocab, h, scale=h**-0.5), randn(vocab, scale=0.1)
+    hidden = randn(shapes.tokens, h)
+    shape = {"tokens": shapes.tokens, "hidden": h, "vocab": vocab, "dtype": str(dtype).removeprefix("torch.")}
+    args = (hidden, weight, bias, shapes.cu_seqlens(device))
+    return [KernelCase("splade_pool", SPEC.functions["splade_pool"], args, shape)]
+
+
+def _compile_variants(arg_names: Sequence[str]) -> list[CompileVariant]:
+    variants = []
+    for has_bias, dtype in itertools.product((False, True), ("*bf16", "*fp16", "*fp32")):
+        types = {"hidden_ptr": dtype, "weight_ptr": dtype, "bias_ptr": dtype, "cu_seqlens_ptr": "*i32",
+                 "out_ptr": "*fp32"}
+        types.update({name: "i32" for name in ("vocab", "width", "stride_ht", "stride_hk", "stride_wv", "stride_wk",
+                                                "stride_ob")})
+        # What splade_pool_triton passes: full-precision products for fp32 weights.
+        constexprs = {"HAS_BIAS": has_bias, "INPUT_PRECISION": "ieee" if dtype == "*fp32" else "tf32",
+                      "BLOCK_T": 64, "BLOCK_V": 128, "BLOCK_K": 64}
+        variants.append(CompileVariant(f"{constexprs} {dtype}", types, constexprs))
+    return variants
+
+
+SPEC = KernelSpec(
+    name="splade_pool",
+    functions={"splade_pool": KernelFunction(splade_pool_reference, splade_pool_triton)},
+    jit=_triton_kernel,
+    sample_cases=_sample_cases,
+    compile_variants=_compile_variants,
+)

@@ -11,9 +11,6 @@ import torch
 
 log = logging.getLogger("infercore.kernels")
 
-# The kernels the model layers dispatch to, by the name the self-check and the logs use.
-KERNELS = ("fused_norm", "bias_gelu", "segment_pool", "splade_pool")
-
 # kernel name → why it was switched off (for this process).
 _disabled: dict[str, str] = {}
 
@@ -33,6 +30,9 @@ def use_triton(kernel: str, x: torch.Tensor) -> bool:
 
 
 def disable(kernel: str, reason: str) -> None:
+    # Imported here: the registry imports every kernel module, and each of them imports this one.
+    from .registry import KERNELS
+
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}")
     if kernel not in _disabled:

@@ -7,6 +7,15 @@ Classification under ``roberta.``; Jina's flash XLM-R layout with ``emb_ln``, ``
 ``norm1``/``norm2``, ``mlp.fc1``/``fc2``) load by key name; Q, K and V are fused into one projection
 at load time. Post-LayerNorm blocks, learned absolute positions, token types. RoBERTa-style models
 number positions from ``pad_token_id + 1`` (``position_offset``).
+
+Heads (``BERT_HEADS``, ``XLMR_HEADS``), each in the layout its saving class writes, found beside the
+backbone's prefix:
+
+- masked LM (``BertForMaskedLM``): ``cls.predictions.{transform.dense, transform.LayerNorm, bias,
+  decoder}``, the decoder tied to the word embeddings unless the checkpoint holds its own;
+- sequence classification with one label: BERT's ``bert.pooler.dense`` + tanh on the first token,
+  then ``classifier`` (hidden → 1); (XLM-)RoBERTa's, and Jina's flash layout of jina-reranker-v2,
+  ``classifier.dense`` + tanh on the first token, then ``classifier.out_proj``.
 """
 
 from __future__ import annotations
@@ -19,12 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import fused_norm
-from ..kernels.bias_gelu import bias_gelu_triton, use_bias_gelu_kernel
-from ..kernels.fused_norm import add_layer_norm_triton
+from ..kernels.bias_gelu import bias_gelu, use_bias_gelu_kernel
 from .attention import varlen_attention
 from .checkpoint import CheckpointError
+from .contract import Heads
 from .layers import GELU_APPROXIMATE, WeightReader, activation, assign, find_prefix, load_layer_norm, load_linear
 from .packing import PackedBatch
+from .rerank import ClassifierHead, require_one_label
 from .sparse import MlmHead
 
 ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")
@@ -132,16 +142,18 @@ class BertLayer(nn.Module):
 
     def _fused_tail(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The block after attention on CUDA: each projection runs without its bias, which the
-        following kernel adds (residual + bias + LayerNorm in one kernel, bias + GELU in another)."""
-        x = add_layer_norm_triton(
+        following kernel adds (residual + bias + LayerNorm in one kernel, bias + GELU in another).
+        Through the dispatchers, which run the references in place of a kernel the start-up
+        self-check switched off."""
+        x = fused_norm.add_layer_norm(
             F.linear(attn, self.attn_out.weight), x, self.attn_norm.weight, self.attn_norm.bias, self.attn_norm.eps,
             x_bias=self.attn_out.bias,
         )
         if self.gelu_approximate is not None and use_bias_gelu_kernel(x):
-            inner = bias_gelu_triton(F.linear(x, self.ffn_in.weight), self.ffn_in.bias, self.gelu_approximate)
+            inner = bias_gelu(F.linear(x, self.ffn_in.weight), self.ffn_in.bias, self.gelu_approximate)
         else:
             inner = self.act(self.ffn_in(x))
-        return add_layer_norm_triton(
+        return fused_norm.add_layer_norm(
             F.linear(inner, self.ffn_out.weight), x, self.ffn_norm.weight, self.ffn_norm.bias, self.ffn_norm.eps,
             x_bias=self.ffn_out.bias,
         )
@@ -169,13 +181,17 @@ class BertLayer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    """Token ids → final hidden states, [total_tokens, hidden] over a PackedBatch."""
+    """Token ids → final hidden states, [total_tokens, hidden] over a PackedBatch (a
+    ``contract.Encoder`` without task adapters)."""
 
     family = "bert"
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.config = cfg
+        self.weight_prefix = ""
+        self.adapter_names: tuple[str, ...] = ()
+        self.task_instructions: dict[str, str] = {}
         self.hidden_size = cfg.hidden_size
         self.max_positions = cfg.max_position_embeddings - cfg.position_offset
         self.embeddings = BertEmbeddings(cfg)
@@ -206,12 +222,21 @@ class BertEncoder(nn.Module):
         return model.eval()
 
 
+# BertForMaskedLM's head below the checkpoint root: the weights it always has (its decoder weight
+# is there only when not tied to the word embeddings).
+MLM_HEAD_PREFIX = "cls.predictions."
+MLM_HEAD_WEIGHTS = tuple(
+    MLM_HEAD_PREFIX + name
+    for name in ("transform.dense.weight", "transform.dense.bias", "transform.LayerNorm.weight",
+                 "transform.LayerNorm.bias", "bias")
+)
+
+
 def load_bert_mlm_head(encoder: BertEncoder, reader: WeightReader) -> MlmHead:
     """``BertForMaskedLM``'s ``cls.predictions``: transform (dense, activation, LayerNorm), decoder
     tied to the word embeddings unless the checkpoint holds its own, and the vocabulary bias."""
     cfg = encoder.config
-    root = encoder.weight_prefix.removesuffix("bert.")
-    prefix = root + "cls.predictions."
+    prefix = _head_root(encoder) + MLM_HEAD_PREFIX
     if prefix + "transform.dense.weight" not in reader:
         raise CheckpointError(
             "the checkpoint has no masked-LM head (cls.predictions.*): a sparse embedding model needs a "
@@ -226,3 +251,42 @@ def load_bert_mlm_head(encoder: BertEncoder, reader: WeightReader) -> MlmHead:
     assign(head, "decoder_weight", reader.get(decoder) if decoder in reader else encoder.embeddings.word.weight)
     assign(head, "decoder_bias", reader.get_any(prefix + "bias", prefix + "decoder.bias"))
     return head.eval()
+
+
+def load_classifier_head(encoder: nn.Module, reader: WeightReader, config: dict[str, Any]) -> ClassifierHead:
+    """The head of a one-label sequence-classification checkpoint, in whichever of the two layouts
+    (module docstring) it has. Also the head of Jina's rotary XLM-R, whose checkpoints share the
+    (XLM-)RoBERTa layout."""
+    require_one_label(config)
+    root = _head_root(encoder)
+    with torch.device("meta"):
+        head = ClassifierHead(encoder.hidden_size)
+    if root + "classifier.out_proj.weight" in reader:  # (XLM-)RoBERTa, Jina flash XLM-R
+        load_linear(head.dense, reader, root + "classifier.dense")
+        load_linear(head.out, reader, root + "classifier.out_proj")
+    elif root + "classifier.weight" in reader:  # BERT: pooler, then classifier
+        pooler = encoder.weight_prefix + "pooler.dense"
+        if pooler + ".weight" not in reader:
+            raise CheckpointError("a BERT sequence classifier needs its pooler (pooler.dense) weights")
+        load_linear(head.dense, reader, pooler)
+        assign(head.out, "weight", reader.get(root + "classifier.weight"))
+        assign(head.out, "bias", reader.get(root + "classifier.bias"))
+    else:
+        raise CheckpointError(
+            "the checkpoint has no sequence-classification head (classifier.*): a reranker needs a "
+            "*ForSequenceClassification checkpoint with one label"
+        )
+    return head.eval()
+
+
+def _head_root(encoder: nn.Module) -> str:
+    """Where the heads sit: the backbone's prefix without the saving class's backbone name."""
+    return encoder.weight_prefix.removesuffix("bert.").removesuffix("roberta.")
+
+
+BERT_HEADS = Heads(
+    mlm=load_bert_mlm_head, classifier=load_classifier_head, weight_prefixes=("pooler.", "cls.", "classifier.")
+)
+# (XLM-)RoBERTa checkpoints: the same classifier layouts; their masked-LM head (``lm_head``) is not
+# read, so no sparse models.
+XLMR_HEADS = Heads(classifier=load_classifier_head, weight_prefixes=("pooler.", "lm_head.", "classifier."))

@@ -1,36 +1,32 @@
 """What infercore knows about a model id before it looks at the model's directory.
 
 A catalog entry fills in what a checkpoint directory does not say (task, prompts, limits, Matryoshka
-dimensions, end-of-life date) and, for starter models, where the weights ship. What a directory's
-own files say wins over the catalog, and an ``infercore.json`` settings file wins over both.
-Later families add their entries to ``CATALOG``.
+dimensions, end-of-life date: any ``ModelSettings`` field) and, for starter models, where the weights
+ship. What a directory's own files say wins over the catalog, and an ``infercore.json`` settings
+file wins over both (models/settings.py). Later families add their entries to ``CATALOG``.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import importlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TASKS = ("text_embedding", "sparse_embedding", "rerank")
+from .contract import TASKS
+from .settings import ModelSettings
+
+# The tasks a model can serve: the one list (the loader, the server and every dialect read it).
 
 
-@dataclass(frozen=True)
-class CatalogEntry:
+@dataclass(frozen=True, kw_only=True)
+class CatalogEntry(ModelSettings):
+    """A model id's settings (every ``ModelSettings`` field; ``task`` is required) and catalog facts."""
+
     id: str
     task: str
     family: str
-    description: str = ""
-    pooling: str | None = None
-    prompts: dict[str, str] = field(default_factory=dict)
-    default_prompt_name: str | None = None
-    max_input_tokens: int | None = None
-    matryoshka_dimensions: tuple[int, ...] = ()
-    similarity: str = "cosine"
-    end_of_life_date: dt.date | None = None
     # Starter models ship inside a PyPI package: (import name, function returning the model dir, or
     # "" to take ``starter_subdir`` of the package's folder without importing it).
     starter_package: tuple[str, str] | None = None
@@ -38,20 +34,10 @@ class CatalogEntry:
     starter_subdir: str | None = None
     # How to install the starter package (for messages).
     starter_install: str = ""
-    # multi-task models: task name → instruction prefix, and the task used when a request names none
-    tasks: dict[str, str] = field(default_factory=dict)
-    default_task: str | None = None
     # Recognition of a model directory served under another id: config.json values (a callable
     # tests the value) that all must match, or the directory's name (e.g. the HF repo name).
     config_match: dict[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
-    # rerank: the query's token cap, and sliding windows (with this overlap) over long documents
-    max_query_tokens: int | None = None
-    rerank_windows: bool = False
-    window_overlap_tokens: int = 80
-    # listwise rerank (jina-reranker-v3): documents per prompt block, and each document's token cap
-    rerank_block_documents: int | None = None
-    max_document_tokens: int | None = None
 
     def starter_path(self) -> Path | None:
         """The model directory inside the starter package, or None if the package is not installed."""
@@ -104,11 +90,6 @@ def _matches(value: Any, expected: Any) -> bool:
     return value == expected
 
 
-def _auto_map_names(fragment: str):
-    """A config_match test: some ``auto_map`` target mentions ``fragment``."""
-    return lambda auto_map: isinstance(auto_map, dict) and any(fragment in str(v) for v in auto_map.values())
-
-
 def starter_entries() -> list[CatalogEntry]:
     return [e for e in CATALOG.values() if e.starter_package is not None]
 
@@ -158,7 +139,7 @@ register(
 
 # jina-embeddings-v5: four PEFT LoRA task adapters under adapters/<task>/ (names as in vLLM's loader,
 # which also defaults to "retrieval"); the tasks add no instruction of their own, the query/document
-# prompts do. reference/models_arch.md §3/§4.
+# prompts do ("Query: " / "Document: ", as the model cards state).
 JINA_V5_TASKS = {"retrieval": "", "text-matching": "", "classification": "", "clustering": ""}
 JINA_V5_PROMPTS = {"query": "Query: ", "document": "Document: "}
 
@@ -203,7 +184,7 @@ register(
 )
 
 # jina-embeddings-v3: task → instruction prefix (config.json ``task_instructions``; the LoRA adapter of the
-# same name is picked per input). reference/models_arch.md §2.
+# same name is picked per input), as the published config.json states them.
 JINA_V3_QUERY_INSTRUCTION = "Represent the query for retrieving evidence documents: "
 JINA_V3_TASKS = {
     "retrieval.query": JINA_V3_QUERY_INSTRUCTION,
@@ -286,7 +267,7 @@ register(
 
 # jina-reranker-v3 (JinaForRanking): Qwen3-0.6B with an MLP projector, listwise. The published rerank() cuts
 # the query to 512 tokens and documents to 2048, and puts up to 125 documents in one prompt of the model's
-# 131072-token context (reference/models_arch.md §8).
+# 131072-token context (its config.json's max_position_embeddings).
 register(
     CatalogEntry(
         id="jina-reranker-v3",

@@ -48,6 +48,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .bert import MLM_HEAD_WEIGHTS
 from .checkpoint import CheckpointError
 
 log = logging.getLogger("infercore.models")
@@ -550,6 +551,8 @@ def _named_bert_weights(archive: TorchScriptArchive) -> _BertWeights | None:
 
 
 def bert_mlm_names(num_layers: int) -> list[str]:
+    """What the BERT family reads of a ``BertForMaskedLM`` with ``num_layers`` layers (its head's
+    names as bert.py declares them)."""
     names = [
         "bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight",
         "bert.embeddings.token_type_embeddings.weight",
@@ -561,12 +564,7 @@ def bert_mlm_names(num_layers: int) -> list[str]:
                      "attention.output.dense", "attention.output.LayerNorm", "intermediate.dense",
                      "output.dense", "output.LayerNorm"):
             names += [layer + part + ".weight", layer + part + ".bias"]
-    names += [
-        "cls.predictions.transform.dense.weight", "cls.predictions.transform.dense.bias",
-        "cls.predictions.transform.LayerNorm.weight", "cls.predictions.transform.LayerNorm.bias",
-        "cls.predictions.bias",
-    ]
-    return names
+    return names + list(MLM_HEAD_WEIGHTS)
 
 
 def _frozen_bert_weights(archive: TorchScriptArchive, trees: dict[str, ast.Module]) -> _BertWeights:

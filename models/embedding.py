@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from ..kernels.segment_pool import pool_truncate_normalize, segment_pool, truncate_normalize
 from .checkpoint import CheckpointError
+from .contract import Encoder
 from .model_dir import DenseSpec
 from .packing import PackedBatch
 
@@ -62,12 +64,13 @@ class DenseLayer(nn.Module):
 
 
 class EmbeddingModel:
-    """A packed encoder with a pooling head. ``run`` writes no state, so the executor threads of one
-    model share it."""
+    """A packed encoder with a pooling head (a ``contract.Runner``). ``run`` writes no state, so the
+    executor threads of one model share it."""
 
-    task = "text_embedding"
+    task: ClassVar[str] = "text_embedding"
+    listwise: ClassVar[bool] = False
 
-    def __init__(self, encoder: nn.Module, pooling: str, dense: Sequence[DenseLayer] = ()):
+    def __init__(self, encoder: Encoder, pooling: str, dense: Sequence[DenseLayer] = ()):
         self.encoder = encoder
         self.pooling = pooling
         self.dense = list(dense)

@@ -12,11 +12,9 @@ adapters of all tasks are stacked in ``.parametrizations.weight.0.lora_A`` / ``.
 
 scaled by ``lora_alpha / lora_rank``; task t is index t of ``lora_adaptations``. The published code
 materialises ``W + delta_t`` on every call. Here nothing is merged: one copy of the base weights,
-and the low-rank deltas are added per token. The whole batch shares one ``gate`` [tokens,
-tasks * rank] that holds the scaling in the columns of each token's task and zeros elsewhere, so a
-LoRA Linear is ``x Wᵀ + b + ((x A_allᵀ) * gate) B_all``: two skinny matmuls over all tokens
-whatever mix of tasks the batch holds, no loop over tasks, and a token's result does not depend on
-the tasks of the tokens beside it. Tokens with no adapter get a zero gate row, i.e. the base weights.
+and each task's factors are read into the packed multi-task LoRA of lora.py (the scaling folded
+into B), which adds a task's low-rank delta to the rows of that task's tokens only, so one batch
+mixes tasks and a token's result does not depend on the tasks of the tokens beside it.
 
 Which adapter an input gets: ``PackedBatch.adapters``; None means the base weights for
 jina-embeddings-v3 (its ``encode(task=None)`` disables every adapter) and the default adapter for
@@ -38,8 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import varlen_attention
+from .bert import load_classifier_head
 from .checkpoint import CheckpointError
-from .layers import WeightReader, assign, find_prefix, load_layer_norm, rope_inv_freq
+from .contract import Heads
+from .layers import WeightReader, apply_rope, assign, find_prefix, load_layer_norm, rope_cos_sin, rope_inv_freq
+from .lora import AdaptedEmbedding, AdaptedLinear, LowRankDelta, TaskRows, task_rows
 from .packing import PackedBatch
 
 MODEL_TYPES = ("xlm-roberta", "jina_clip")
@@ -59,6 +60,9 @@ JINA_V3_CONFIG: dict[str, Any] = {
 # Jina's flash MLP applies GELU whatever ``hidden_act`` says; tanh-approximated for these names.
 _GELU_TANH = ("gelu_new", "gelu_fast", "gelu_pytorch_tanh")
 _GELU_ACTS = ("gelu", "gelu_python", *_GELU_TANH)
+
+# Heads: the (XLM-)RoBERTa sequence-classification layout (bert.py); the masked-LM head is not read.
+HEADS = Heads(classifier=load_classifier_head, weight_prefixes=("pooler.", "lm_head.", "classifier."))
 
 _ORIGINAL = ".parametrizations.weight.original"
 _LORA_A = ".parametrizations.weight.0.lora_A"
@@ -95,11 +99,6 @@ class JinaXlmrConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
-
-    @property
-    def lora_width(self) -> int:
-        """Columns of the stacked adapters: rank for each task."""
-        return len(self.adapter_names) * self.lora_rank
 
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> JinaXlmrConfig:
@@ -176,64 +175,39 @@ def _adapters(config: dict[str, Any]) -> tuple[tuple[str, ...], int, float]:
     return tuple(names), rank, alpha / rank
 
 
-class LoraLinear(nn.Module):
-    """A Linear with every task's low-rank delta beside it, unmerged.
-
-    lora_a: [tasks * rank, in] (task t's A in rows t*rank:(t+1)*rank)
-    lora_b: [tasks * rank, out] (task t's Bᵀ in the same rows)
-    """
-
-    def __init__(self, fan_in: int, fan_out: int, lora_width: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(fan_out, fan_in))
-        self.bias = nn.Parameter(torch.empty(fan_out))
-        self.lora_a = nn.Parameter(torch.empty(lora_width, fan_in)) if lora_width else None
-        self.lora_b = nn.Parameter(torch.empty(lora_width, fan_out)) if lora_width else None
-
-    def forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        """x: [T, in]; gate: [T, tasks * rank] or None (base weights only)."""
-        y = F.linear(x, self.weight, self.bias)
-        if gate is None:
-            return y
-        return torch.addmm(y, F.linear(x, self.lora_a) * gate, self.lora_b)
-
-    def load(self, reader: WeightReader, prefix: str, cfg: JinaXlmrConfig) -> None:
-        assign(self, "weight", _base_weight(reader, prefix))
-        assign(self, "bias", reader.get(prefix + ".bias"))
-        lora = _read_lora(reader, prefix, cfg, "linear", *reversed(self.weight.shape))
-        if lora is not None:
-            a, b = lora  # [tasks, rank, in], [tasks, out, rank]
-            assign(self, "lora_a", a.reshape(-1, a.shape[-1]))
-            assign(self, "lora_b", b.transpose(1, 2).reshape(-1, b.shape[1]))
+def load_adapted_linear(module: AdaptedLinear, reader: WeightReader, prefix: str, cfg: JinaXlmrConfig) -> None:
+    """A parametrized Linear: its base weight and bias, and one delta per task from the stacked
+    lora_A [tasks, rank, in] / lora_B [tasks, out, rank]."""
+    assign(module.linear, "weight", _base_weight(reader, prefix))
+    assign(module.linear, "bias", reader.get(prefix + ".bias"))
+    lora = _read_lora(reader, prefix, cfg, "linear", *reversed(module.linear.weight.shape))
+    if lora is not None:
+        a, b = lora
+        for task in range(len(cfg.adapter_names)):
+            module.set_delta(task, LowRankDelta(_cast(a[task], reader), [(slice(None), _scaled(b[task], cfg, reader))]))
 
 
-class LoraEmbedding(nn.Module):
-    """An embedding table with every task's low-rank delta beside it, unmerged.
+def load_adapted_embedding(
+    module: AdaptedEmbedding, reader: WeightReader, prefix: str, cfg: JinaXlmrConfig
+) -> None:
+    """A parametrized Embedding: its base table, and one delta per task from the stacked
+    lora_A [tasks, num, rank] (looked up per token) / lora_B [tasks, rank, dim]."""
+    assign(module, "weight", _base_weight(reader, prefix))
+    lora = _read_lora(reader, prefix, cfg, "embedding", *module.weight.shape)
+    if lora is not None:
+        a, b = lora
+        for task in range(len(cfg.adapter_names)):
+            delta = LowRankDelta(_cast(a[task], reader), [(slice(None), _scaled(b[task].T, cfg, reader))], lookup=True)
+            module.set_delta(task, delta)
 
-    lora_a: [num_embeddings, tasks * rank] (row v holds A[t][v] for every t, side by side)
-    lora_b: [tasks * rank, dim]
-    """
 
-    def __init__(self, num: int, dim: int, lora_width: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num, dim))
-        self.lora_a = nn.Parameter(torch.empty(num, lora_width)) if lora_width else None
-        self.lora_b = nn.Parameter(torch.empty(lora_width, dim)) if lora_width else None
+def _cast(tensor: torch.Tensor, reader: WeightReader) -> torch.Tensor:
+    return tensor.to(dtype=reader.dtype).contiguous()
 
-    def forward(self, ids: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        """ids: [T] int64; gate: [T, tasks * rank] or None. Returns [T, dim]."""
-        x = F.embedding(ids, self.weight)
-        if gate is None:
-            return x
-        return torch.addmm(x, self.lora_a[ids] * gate, self.lora_b)
 
-    def load(self, reader: WeightReader, prefix: str, cfg: JinaXlmrConfig) -> None:
-        assign(self, "weight", _base_weight(reader, prefix))
-        lora = _read_lora(reader, prefix, cfg, "embedding", *self.weight.shape)
-        if lora is not None:
-            a, b = lora  # [tasks, num, rank], [tasks, rank, dim]
-            assign(self, "lora_a", a.transpose(0, 1).reshape(a.shape[1], -1))
-            assign(self, "lora_b", b.reshape(-1, b.shape[-1]))
+def _scaled(b: torch.Tensor, cfg: JinaXlmrConfig, reader: WeightReader) -> torch.Tensor:
+    """B with the scaling (lora_alpha / lora_rank) folded in, in fp32, then cast to the model dtype."""
+    return (b * cfg.lora_scaling).to(dtype=reader.dtype).contiguous()
 
 
 def _base_weight(reader: WeightReader, prefix: str) -> torch.Tensor:
@@ -244,7 +218,7 @@ def _base_weight(reader: WeightReader, prefix: str) -> torch.Tensor:
 def _read_lora(
     reader: WeightReader, prefix: str, cfg: JinaXlmrConfig, kind: str, dim0: int, dim1: int
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A module's stacked adapters, shape-checked; None when the model has none.
+    """A module's stacked adapters in fp32, shape-checked; None when the model has none.
 
     kind "linear": dim0, dim1 = in, out; "embedding": dim0, dim1 = num_embeddings, dim.
     """
@@ -264,7 +238,7 @@ def _read_lora(
     for name, shape in zip(names, expected, strict=True):
         if name not in reader:
             raise CheckpointError(f"config.json lists lora_adaptations but the checkpoint has no {name!r}")
-        tensor = reader.get(name)
+        tensor = reader.get(name, dtype=torch.float32)
         if tuple(tensor.shape) != shape:
             raise CheckpointError(
                 f"{name} has shape {tuple(tensor.shape)}, expected {shape} ({tasks} lora_adaptations, "
@@ -279,42 +253,24 @@ class JinaEmbeddings(nn.Module):
 
     def __init__(self, cfg: JinaXlmrConfig):
         super().__init__()
-        self.word = LoraEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.lora_width)
-        self.token_type = (
-            LoraEmbedding(cfg.type_vocab_size, cfg.hidden_size, cfg.lora_width) if cfg.type_vocab_size else None
-        )
+        self.word = AdaptedEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.token_type = AdaptedEmbedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size else None
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, batch: PackedBatch, gate: torch.Tensor | None) -> torch.Tensor:
-        x = self.word(batch.input_ids, gate)
+    def forward(self, batch: PackedBatch, routes: list[TaskRows]) -> torch.Tensor:
+        x = self.word(batch.input_ids, routes)
         if self.token_type is not None:
             types = batch.token_type_ids
             if types is None:
                 types = torch.zeros_like(batch.input_ids)
-            x = x + self.token_type(types, gate)
+            x = x + self.token_type(types, routes)
         return self.norm(x)
 
     def load(self, reader: WeightReader, prefix: str, cfg: JinaXlmrConfig) -> None:
-        self.word.load(reader, prefix + "embeddings.word_embeddings", cfg)
+        load_adapted_embedding(self.word, reader, prefix + "embeddings.word_embeddings", cfg)
         if self.token_type is not None:
-            self.token_type.load(reader, prefix + "embeddings.token_type_embeddings", cfg)
+            load_adapted_embedding(self.token_type, reader, prefix + "embeddings.token_type_embeddings", cfg)
         load_layer_norm(self.norm, reader, prefix + "emb_ln")
-
-
-def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, 1, rotary_dim / 2] in fp32 for the packed tokens' positions."""
-    angles = positions.to(torch.float32).unsqueeze(1) * inv_freq
-    return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on the first rotary_dim channels of x [T, H, D], computed in fp32."""
-    rotary_dim = 2 * cos.shape[-1]
-    x1, x2 = x[..., :rotary_dim].float().chunk(2, dim=-1)
-    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-    if rotary_dim == x.shape[-1]:
-        return rotated
-    return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
 
 
 class JinaLayer(nn.Module):
@@ -322,14 +278,14 @@ class JinaLayer(nn.Module):
 
     def __init__(self, cfg: JinaXlmrConfig):
         super().__init__()
-        h, width = cfg.hidden_size, cfg.lora_width
+        h = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.head_dim
-        self.qkv = LoraLinear(h, 3 * h, width)
-        self.attn_out = LoraLinear(h, h, width)
+        self.qkv = AdaptedLinear(h, (3 * h,), bias=True)
+        self.attn_out = AdaptedLinear(h, (h,), bias=True)
         self.attn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
-        self.ffn_in = LoraLinear(h, cfg.intermediate_size, width)
-        self.ffn_out = LoraLinear(cfg.intermediate_size, h, width)
+        self.ffn_in = AdaptedLinear(h, (cfg.intermediate_size,), bias=True)
+        self.ffn_out = AdaptedLinear(cfg.intermediate_size, (h,), bias=True)
         self.ffn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         self.gelu_approximate = cfg.gelu_approximate
 
@@ -338,22 +294,22 @@ class JinaLayer(nn.Module):
         x: torch.Tensor,
         batch: PackedBatch,
         rotary: tuple[torch.Tensor, torch.Tensor],
-        gate: torch.Tensor | None,
+        routes: list[TaskRows],
     ) -> torch.Tensor:
         tokens = x.shape[0]
-        q, k, v = self.qkv(x, gate).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        q, k, v = self.qkv(x, routes).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
+        q, k = apply_rope(q, *rotary), apply_rope(k, *rotary)
         attn = varlen_attention(q, k, v, batch).reshape(tokens, -1)
-        x = self.attn_norm(x + self.attn_out(attn, gate))
-        hidden = F.gelu(self.ffn_in(x, gate), approximate=self.gelu_approximate)
-        return self.ffn_norm(x + self.ffn_out(hidden, gate))
+        x = self.attn_norm(x + self.attn_out(attn, routes))
+        hidden = F.gelu(self.ffn_in(x, routes), approximate=self.gelu_approximate)
+        return self.ffn_norm(x + self.ffn_out(hidden, routes))
 
     def load(self, reader: WeightReader, prefix: str, cfg: JinaXlmrConfig) -> None:
-        self.qkv.load(reader, prefix + "mixer.Wqkv", cfg)
-        self.attn_out.load(reader, prefix + "mixer.out_proj", cfg)
+        load_adapted_linear(self.qkv, reader, prefix + "mixer.Wqkv", cfg)
+        load_adapted_linear(self.attn_out, reader, prefix + "mixer.out_proj", cfg)
         load_layer_norm(self.attn_norm, reader, prefix + "norm1")
-        self.ffn_in.load(reader, prefix + "mlp.fc1", cfg)
-        self.ffn_out.load(reader, prefix + "mlp.fc2", cfg)
+        load_adapted_linear(self.ffn_in, reader, prefix + "mlp.fc1", cfg)
+        load_adapted_linear(self.ffn_out, reader, prefix + "mlp.fc2", cfg)
         load_layer_norm(self.ffn_norm, reader, prefix + "norm2")
 
 
@@ -368,48 +324,21 @@ class JinaXlmrEncoder(nn.Module):
         self.config = cfg
         self.hidden_size = cfg.hidden_size
         self.max_positions = cfg.max_positions
+        self.weight_prefix = ""
         self.adapter_names = cfg.adapter_names
         # task → instruction prefix as the config states it (jina-embeddings-v3's task_instructions)
         self.task_instructions = dict(cfg.task_instructions)
-        self._adapter_index = {name: i for i, name in enumerate(cfg.adapter_names)}
         self.embeddings = JinaEmbeddings(cfg)
         self.layers = nn.ModuleList(JinaLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.register_buffer("inv_freq", rope_inv_freq(cfg.rotary_dim, cfg.rotary_base), persistent=False)
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
-        gate = self.lora_gate(batch)
-        rotary = rotary_tables(batch.positions, self.inv_freq)
-        x = self.embeddings(batch, gate)
+        routes = task_rows(batch, self.adapter_names, self.config.default_adapter, self.family)
+        rotary = rope_cos_sin(batch.positions, self.inv_freq, torch.float32)  # rotated in fp32
+        x = self.embeddings(batch, routes)
         for layer in self.layers:
-            x = layer(x, batch, rotary, gate)
+            x = layer(x, batch, rotary, routes)
         return x
-
-    def lora_gate(self, batch: PackedBatch) -> torch.Tensor | None:
-        """[total_tokens, tasks * rank]: the LoRA scaling in the columns of each token's adapter and
-        zeros elsewhere; None when no token uses an adapter. Raises ValueError for an adapter name
-        the model does not have."""
-        cfg = self.config
-        default = cfg.default_adapter
-        wanted = [batch.adapters[i] if i < len(batch.adapters) else None for i in range(batch.num_seqs)]
-        wanted = [default if name is None else name for name in wanted]
-        if all(name is None for name in wanted):
-            return None
-        unknown = sorted({n for n in wanted if n is not None and n not in self._adapter_index})
-        if unknown:
-            known = ", ".join(cfg.adapter_names) or "none"
-            raise ValueError(f"task adapter(s) {unknown} not in this model (adapters: {known})")
-        rank = cfg.lora_rank
-        per_sequence = torch.zeros(batch.num_seqs, cfg.lora_width, dtype=self.inv_freq.dtype)
-        for i, name in enumerate(wanted):
-            if name is not None:
-                task = self._adapter_index[name]
-                per_sequence[i, task * rank : (task + 1) * rank] = cfg.lora_scaling
-        device = batch.device
-        lengths = torch.tensor(batch.seq_lens, device=device)
-        dtype = self.embeddings.norm.weight.dtype
-        return per_sequence.to(device=device, dtype=dtype).repeat_interleave(
-            lengths, dim=0, output_size=batch.total_tokens
-        )
 
     @classmethod
     def from_checkpoint(cls, config: dict[str, Any], reader: WeightReader) -> JinaXlmrEncoder:

@@ -123,7 +123,36 @@ def load_layer_norm(norm: torch.nn.LayerNorm, reader: WeightReader, prefix: str)
     assign(norm, "bias", reader.get_any(prefix + ".bias", prefix + ".beta"))
 
 
+# ---- rotary positions (RoPE), rotate-half (GPT-NeoX) style: Jina's XLM-R, Qwen3, EuroBERT ----------
+
+
 def rope_inv_freq(rotary_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
     """[rotary_dim / 2] fp32 RoPE inverse frequencies, theta ** (-2i / rotary_dim), computed as
     transformers and Jina's XLM-R compute them."""
     return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, rotary_dim / 2] for each packed token's position: angles in fp32 (a bf16 position
+    times a frequency loses the low bits at long range), then cast to ``dtype``, the dtype the
+    rotation is computed in (``apply_rope``)."""
+    angles = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on the first ``2 * cos.shape[-1]`` channels of x [T, heads, head_dim] (the
+    rest pass through), computed in cos's dtype and returned in x's.
+
+    Families pick the compute dtype through ``rope_cos_sin``: fp32 for Jina's XLM-R (its flash
+    rotary runs in fp32), the activations' dtype for Qwen3 / EuroBERT (as transformers does).
+    """
+    rotary_dim = 2 * cos.shape[-1]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x[..., :rotary_dim].to(cos.dtype).chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    if rotary_dim == x.shape[-1]:
+        return rotated
+    return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)

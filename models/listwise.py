@@ -4,7 +4,7 @@ The query and a block of documents are read together in one causal prompt; the f
 at a special token after each document (``<|embed_token|>``) and after the query's second copy
 (``<|rerank_token|>``) goes through an MLP projector, and each document scores the cosine of its
 vector with the query's. Everything below follows the published ``modeling.py``
-(``JinaForRanking.rerank``; reference/models_arch.md §8):
+(``JinaForRanking.rerank`` in the model repository's ``modeling.py``):
 
 - the query is cut to ``max_query_tokens`` (512) and every document to ``max_document_tokens``
   (2048) tokens, a cut text being the decoded kept tokens;
@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from .checkpoint import CheckpointError
+from .contract import Encoder, Heads
 from .layers import WeightReader, load_linear
 from .packing import PackedBatch
 from .tokenizer import MAX_CHARS_PER_TOKEN, InputTooLong, TextTokenizer, TokenizedInput
@@ -145,31 +146,48 @@ class Projector(nn.Module):
         return self.out(torch.relu(self.inner(x)))
 
 
-def has_listwise_head(encoder: nn.Module, reader: WeightReader) -> bool:
-    """Whether the checkpoint beside ``encoder`` carries jina-reranker-v3's projector."""
-    return _root(encoder) + "projector.0.weight" in reader
+def load_projector(encoder: Encoder, reader: WeightReader) -> Projector | None:
+    """jina-reranker-v3's projector beside the backbone (shapes from the weights); None when the
+    checkpoint has none (a plain Qwen3)."""
+    root = encoder.weight_prefix.removesuffix("model.") + "projector."
+    if root + "0.weight" not in reader:
+        return None
+    inner_size, hidden_size = reader.get(root + "0.weight").shape
+    output_size, projected_size = reader.get(root + "2.weight").shape
+    if hidden_size != encoder.hidden_size or projected_size != inner_size:
+        raise CheckpointError(
+            f"projector shapes {(inner_size, hidden_size)} and {(output_size, projected_size)} do not chain "
+            f"from the backbone's hidden size {encoder.hidden_size}"
+        )
+    with torch.device("meta"):
+        projector = Projector(hidden_size, inner_size, output_size, bias=root + "0.bias" in reader)
+    load_linear(projector.inner, reader, root + "0")
+    load_linear(projector.out, reader, root + "2")
+    return projector.eval()
 
 
-def _root(encoder: nn.Module) -> str:
-    return encoder.weight_prefix.removesuffix("model.")
+# The Qwen3 family's heads: jina-reranker-v3's projector (``JinaForRanking``); the causal LM head is
+# never read.
+QWEN3_HEADS = Heads(listwise=load_projector, weight_prefixes=("lm_head.", "projector."))
 
 
 class ListwiseReranker:
-    """A causal encoder, its projector and the published prompt and block rules.
+    """A causal encoder, its projector and the published prompt and block rules (a
+    ``contract.ListwiseRunner``).
 
     ``build_blocks`` (host, tokenizer pool) lays a request out in blocks, ``run`` (executor) turns
     packed blocks into vectors, ``merge_blocks`` (host) turns one request's vectors into scores.
     ``run`` writes no state, so the executor threads of one model share it.
     """
 
-    task = "rerank"
-    kind = "listwise"
+    task: ClassVar[str] = "rerank"
+    listwise: ClassVar[bool] = True
     pooling = "special_tokens"
     dimensions = 1
 
     def __init__(
         self,
-        encoder: nn.Module,
+        encoder: Encoder,
         projector: Projector,
         doc_token_id: int,
         query_token_id: int,
@@ -191,27 +209,14 @@ class ListwiseReranker:
     @classmethod
     def from_checkpoint(
         cls,
-        encoder: nn.Module,
-        reader: WeightReader,
+        encoder: Encoder,
+        projector: Projector,
         tokenizer_file: Path,
         block_documents: int = BLOCK_DOCUMENTS,
         max_document_tokens: int = MAX_DOCUMENT_TOKENS,
     ) -> ListwiseReranker:
-        """The projector from ``reader`` (shapes from the weights) and the special tokens' ids from the
-        model's tokenizer file."""
-        root = _root(encoder) + "projector."
-        inner_size, hidden_size = reader.get(root + "0.weight").shape
-        output_size, projected_size = reader.get(root + "2.weight").shape
-        if hidden_size != encoder.hidden_size or projected_size != inner_size:
-            raise CheckpointError(
-                f"projector shapes {(inner_size, hidden_size)} and {(output_size, projected_size)} do not chain "
-                f"from the backbone's hidden size {encoder.hidden_size}"
-            )
-        with torch.device("meta"):
-            projector = Projector(hidden_size, inner_size, output_size, bias=root + "0.bias" in reader)
-        load_linear(projector.inner, reader, root + "0")
-        load_linear(projector.out, reader, root + "2")
-
+        """The runner around a loaded projector (``load_projector``), with the special tokens' ids
+        from the model's tokenizer file."""
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
         ids = {token: tokenizer.token_to_id(token) for token in (DOC_EMBED_TOKEN, QUERY_EMBED_TOKEN)}
         missing = [token for token, token_id in ids.items() if token_id is None]
@@ -220,7 +225,7 @@ class ListwiseReranker:
                 f"{tokenizer_file} has no {' or '.join(missing)} token; a listwise reranker's tokenizer adds "
                 f"{DOC_EMBED_TOKEN} and {QUERY_EMBED_TOKEN}"
             )
-        return cls(encoder, projector.eval(), ids[DOC_EMBED_TOKEN], ids[QUERY_EMBED_TOKEN],
+        return cls(encoder, projector, ids[DOC_EMBED_TOKEN], ids[QUERY_EMBED_TOKEN],
                    block_documents, max_document_tokens)
 
     @staticmethod

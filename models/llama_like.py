@@ -5,7 +5,7 @@ One module for the two families because they are one architecture with two switc
 blocks, rotary positions (rotate-half, fp32 tables), grouped-query attention and a SiLU-gated MLP;
 Qwen3 adds an RMSNorm over each query/key head before the rotation and attends causally, EuroBERT
 does neither. jina-embeddings-v5-text-small is a Qwen3-0.6B, -text-nano a EuroBERT-210m, and both
-carry the same adapter layout, so the adapter code lives beside the blocks it adapts.
+carry the same adapter layout, read here into the packed multi-task LoRA of lora.py.
 
 Checkpoints: ``Qwen3Model`` / ``EuroBertModel`` keys (``embed_tokens``, ``layers.N.self_attn.
 {q,k,v,o}_proj``, ``q_norm``/``k_norm`` for Qwen3, ``input_layernorm``, ``post_attention_layernorm``,
@@ -16,10 +16,10 @@ and gate/up into another at load time.
 Task adapters (jina-embeddings-v5): PEFT LoRA folders ``adapters/<task>/`` beside the weights, each an
 ``adapter_config.json`` (r, lora_alpha, target_modules) and an ``adapter_model.safetensors`` (keys
 ``base_model.model.layers.N.self_attn.q_proj.lora_A.weight``). Every task found is loaded and kept
-factored, never merged: an input whose ``PackedBatch.adapters`` entry names a task gets
+factored, never merged (``lora.LowRankDelta`` per task and fused projection, the scale
+``alpha / r`` folded into B): an input whose ``PackedBatch.adapters`` entry names a task gets
 ``x @ A^T @ B^T * alpha / r`` added to each adapted projection, on the rows of that task's tokens
-only, so one packed batch can mix tasks (and inputs without a task) at the cost of one pair of
-rank-r matmuls per task present, with no per-task copy of the weights.
+only, so one packed batch can mix tasks (and inputs without a task).
 """
 
 from __future__ import annotations
@@ -28,22 +28,20 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
 from ..kernels import fused_norm
-from ..kernels.fused_norm import add_rms_norm_triton, rms_norm_triton
 from .attention import varlen_attention
 from .checkpoint import CheckpointError
-from .layers import WeightReader, activation, assign, find_prefix, rope_inv_freq
-from .packing import CPU_MIN_TOKENS, PackedBatch
+from .contract import Heads
+from .layers import WeightReader, activation, apply_rope, assign, find_prefix, rope_cos_sin, rope_inv_freq
+from .lora import AdaptedLinear, LowRankDelta, TaskRows, task_rows
+from .packing import PackedBatch
 
 # Folder of a model directory that holds one PEFT LoRA folder per task.
 ADAPTERS_DIR = "adapters"
@@ -59,9 +57,9 @@ PROJECTIONS: dict[str, tuple[str, int]] = {
     "mlp.down_proj": ("down", 0),
 }
 
-# Fewest rows a low-rank matmul runs over (see TaskRows.computed).
-MIN_LORA_ROWS = CPU_MIN_TOKENS
-
+# EuroBERT's and jina-embeddings-v5's heads: none read (``lm_head`` is the LM's, not an embedder's).
+# Qwen3's add jina-reranker-v3's projector (listwise.QWEN3_HEADS).
+HEADS = Heads(weight_prefixes=("lm_head.",))
 
 @dataclass(frozen=True)
 class LlamaLikeConfig:
@@ -141,7 +139,8 @@ def _rope_theta(config: dict[str, Any]) -> float:
 
 
 class RMSNorm(nn.Module):
-    """Normalise in fp32, cast back, then scale (the order Qwen3/EuroBERT/Llama use in bf16)."""
+    """Normalise in fp32, cast back, then scale (the order Qwen3/EuroBERT/Llama use in bf16): the
+    kernels' ``fused_norm.rms_norm``, its Triton kernel on CUDA and its torch reference elsewhere."""
 
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -149,114 +148,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_norm.use_fused_kernels(x):
-            return rms_norm_triton(x, self.weight, self.eps)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
-def rope_cos_sin(
-    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """[T, head_dim] cos and sin for each token's position: angles in fp32 (a bf16 position times a
-    frequency loses the low bits at long range), cast to the activations' dtype afterwards."""
-    freqs = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)
-    angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x [T, heads, head_dim] with cos/sin [T, head_dim]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
-
-
-@dataclass(frozen=True)
-class TaskRows:
-    """The rows of a packed batch that one task's adapter applies to.
-
-    task:     the adapter's index
-    rows:     the task's token rows: a slice when its sequences sit side by side (always so in a
-              single-task batch), else an index tensor
-    computed: the rows the low-rank matmuls run over: ``rows`` topped up with other rows to at least
-              MIN_LORA_ROWS, whose results are dropped. A CPU matmul rounds a row differently when
-              it runs over very few rows (see packing.py), so without this an input would not give
-              bit-identical results alone and inside a mixed-task batch.
-    keep:     which of the computed rows are ``rows``
-    """
-
-    task: int
-    rows: slice | torch.Tensor
-    computed: slice | torch.Tensor
-    keep: slice
-
-    @classmethod
-    def of_runs(cls, task: int, runs: list[tuple[int, int]], total_rows: int, device: torch.device) -> TaskRows:
-        """From the task's runs of consecutive rows [start, end), in order."""
-        if len(runs) == 1:
-            start, end = runs[0]
-            wide_start = max(0, min(start, total_rows - MIN_LORA_ROWS))
-            wide_end = min(total_rows, max(end, wide_start + MIN_LORA_ROWS))
-            keep = slice(start - wide_start, end - wide_start)
-            return cls(task, slice(start, end), slice(wide_start, wide_end), keep)
-        rows = np.concatenate([np.arange(start, end) for start, end in runs])
-        computed = np.concatenate([rows, np.full(max(0, MIN_LORA_ROWS - len(rows)), rows[0])])
-        index = torch.from_numpy(computed).to(device)
-        return cls(task, index[: len(rows)], index, slice(0, len(rows)))
-
-
-@dataclass(frozen=True)
-class LowRankDelta:
-    """One task's LoRA on one fused projection, kept factored.
-
-    a:      [R, in_features], the A matrices of every adapted part stacked along the rank
-    blocks: (output columns of the part, its columns of ``a @ x``, B·alpha/r [part_out, r]) per
-            adapted part; parts the adapter leaves alone have no block
-    """
-
-    a: torch.Tensor
-    blocks: tuple[tuple[slice, slice, torch.Tensor], ...]
-
-    def add_into(self, y: torch.Tensor, x: torch.Tensor, route: TaskRows) -> None:
-        """y[rows] += (x[rows] @ A^T) @ B^T, part by part, in place."""
-        contiguous = isinstance(route.rows, slice)
-        xa = F.linear(x[route.computed] if contiguous else x.index_select(0, route.computed), self.a)
-        for columns, ranks, b in self.blocks:
-            delta = F.linear(xa[:, ranks], b)[route.keep]
-            if contiguous:
-                y[route.rows, columns] += delta
-            else:
-                y[:, columns].index_add_(0, route.rows, delta)
-
-
-class AdaptedLinear(nn.Module):
-    """A linear layer whose output is its ``part_sizes`` side by side (q|k|v, gate|up, or one part),
-    plus per-task low-rank deltas applied only to the rows ``routes`` assign to each task."""
-
-    def __init__(self, in_features: int, part_sizes: tuple[int, ...], bias: bool):
-        super().__init__()
-        self.linear = nn.Linear(in_features, sum(part_sizes), bias=bias)
-        self.part_sizes = part_sizes
-        ends = list(accumulate(part_sizes))
-        self.part_columns = tuple(slice(end - size, end) for end, size in zip(ends, part_sizes))
-        # task index → its delta; tensors live on the model's device (loaded there), outside state_dict.
-        self.deltas: dict[int, LowRankDelta] = {}
-
-    def forward(self, x: torch.Tensor, routes: list[TaskRows]) -> torch.Tensor:
-        y = self.linear(x)
-        for route in routes:
-            delta = self.deltas.get(route.task)
-            if delta is not None:
-                delta.add_into(y, x, route)
-        return y
-
-    def load(self, reader: WeightReader, prefixes: list[str]) -> None:
-        """Fill the fused weight (and bias) from one checkpoint projection per part."""
-        assign(self.linear, "weight", torch.cat([reader.get(p + ".weight") for p in prefixes]))
-        if self.linear.bias is not None:
-            assign(self.linear, "bias", torch.cat([reader.get(p + ".bias") for p in prefixes]))
+        return fused_norm.rms_norm(x, self.weight, self.eps)
 
 
 class LlamaLikeLayer(nn.Module):
@@ -290,13 +182,10 @@ class LlamaLikeLayer(nn.Module):
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn = varlen_attention(q, k, v, batch, causal=self.causal).reshape(tokens, -1)
-        if fused_norm.use_fused_kernels(x):  # residual add + RMSNorm in one kernel
-            x, normed = add_rms_norm_triton(self.o(attn, routes), x, self.mlp_norm.weight, self.mlp_norm.eps)
-        else:
-            x = x + self.o(attn, routes)
-            normed = self.mlp_norm(x)
+        # Residual add + RMSNorm: one kernel on CUDA.
+        x, normed = fused_norm.add_rms_norm(self.o(attn, routes), x, self.mlp_norm.weight, self.mlp_norm.eps)
         gate, up = self.gate_up(normed, routes).chunk(2, dim=-1)
         return x + self.down(self.act(gate) * up, routes)
 
@@ -324,51 +213,27 @@ class LlamaLikeEncoder(nn.Module):
         self.config = cfg
         self.hidden_size = cfg.hidden_size
         self.max_positions = cfg.max_position_embeddings
+        self.weight_prefix = ""
+        # Task adapters, in the order of their indices in the projections' deltas; no config-stated
+        # instructions (jina-embeddings-v5's prompts are the catalog's).
+        self.adapter_names: tuple[str, ...] = ()
+        self.task_instructions: dict[str, str] = {}
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaLikeLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
-        # Task adapters, in the order of their indices in the layers' deltas.
-        self.adapter_names: tuple[str, ...] = ()
 
     @classmethod
     def config_from_hf(cls, config: dict[str, Any]) -> LlamaLikeConfig:
         raise NotImplementedError
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
-        routes = self.adapter_routes(batch)
+        routes = task_rows(batch, self.adapter_names, family=self.family)
         x = self.embed_tokens(batch.input_ids)
-        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, x.dtype)
+        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, x.dtype)  # rotated in the activations' dtype
         for layer in self.layers:
             x = layer(x, batch, cos, sin, routes)
         return self.norm(x)
-
-    def adapter_routes(self, batch: PackedBatch) -> list[TaskRows]:
-        """Which token rows each task present in ``batch`` covers. Inputs without a task, filler
-        sequences, and every input of a model without adapters run on the base weights only."""
-        if not batch.adapters or not self.adapter_names or not any(batch.adapters):
-            return []
-        runs: dict[int, list[tuple[int, int]]] = {}
-        start = 0
-        for name, length in zip(batch.adapters, batch.seq_lens):
-            if name is not None:
-                task_runs = runs.setdefault(self.adapter_index(name), [])
-                if task_runs and task_runs[-1][1] == start:
-                    task_runs[-1] = (task_runs[-1][0], start + length)
-                else:
-                    task_runs.append((start, start + length))
-            start += length
-        return [
-            TaskRows.of_runs(task, task_runs, batch.total_tokens, batch.device) for task, task_runs in runs.items()
-        ]
-
-    def adapter_index(self, name: str) -> int:
-        try:
-            return self.adapter_names.index(name)
-        except ValueError:
-            raise ValueError(
-                f"{self.family} model has no task adapter {name!r} (adapters: {', '.join(self.adapter_names)})"
-            ) from None
 
     @classmethod
     def from_checkpoint(cls, config: dict[str, Any], reader: WeightReader) -> LlamaLikeEncoder:
@@ -392,13 +257,13 @@ class LlamaLikeEncoder(nn.Module):
         """Load every ``root/<task>/`` PEFT LoRA folder (replacing any adapters loaded before)."""
         names = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
         for layer in self.layers:
-            for module in ("qkv", "o", "gate_up", "down"):
-                getattr(layer, module).deltas.clear()
+            for module in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                module.clear_deltas()
         for task, name in enumerate(names):
             adapter = read_lora_adapter(root / name, len(self.layers))
             for (layer_index, module_name), parts in adapter.modules.items():
                 module = getattr(self.layers[layer_index], module_name)
-                module.deltas[task] = _factored_delta(module, parts, adapter.scale, device, dtype, root / name)
+                module.set_delta(task, _factored_delta(module, parts, adapter.scale, device, dtype, root / name))
         self.adapter_names = names
 
 
@@ -497,7 +362,7 @@ def _factored_delta(
 ) -> LowRankDelta:
     """Stack the parts' A matrices, fold the scale into each B in fp32, then cast to the model dtype."""
     in_features = module.linear.in_features
-    a_parts, blocks, rank_start = [], [], 0
+    a_parts, b_parts = [], []
     for part, (a, b) in sorted(parts.items()):
         out_features = module.part_sizes[part]
         if a.shape[1] != in_features or b.shape[0] != out_features:
@@ -506,11 +371,8 @@ def _factored_delta(
                 f"{in_features} → {out_features}"
             )
         a_parts.append(a)
-        rank_end = rank_start + a.shape[0]
-        b = (b * scale).to(device=device, dtype=dtype)
-        blocks.append((module.part_columns[part], slice(rank_start, rank_end), b))
-        rank_start = rank_end
-    return LowRankDelta(a=torch.cat(a_parts).to(device=device, dtype=dtype), blocks=tuple(blocks))
+        b_parts.append((module.part_columns[part], (b * scale).to(device=device, dtype=dtype)))
+    return LowRankDelta(torch.cat(a_parts).to(device=device, dtype=dtype), b_parts)
 
 
 class Qwen3Encoder(LlamaLikeEncoder):

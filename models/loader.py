@@ -1,7 +1,8 @@
 """Model directory → a ready ``ServedModel`` (tokenizer + weights on the device + head).
 
 Precedence for every setting: the directory's ``infercore.json`` > what the directory's own files
-say (sentence-transformers config) > the catalog entry for the model id > defaults.
+say (sentence-transformers config) > the catalog entry for the model id > defaults, resolved once
+into a ``ModelSettings`` (models/settings.py).
 """
 
 from __future__ import annotations
@@ -18,21 +19,22 @@ from ..kernels.self_check import check_kernels_once, model_kernel_shapes
 from ..kernels.triton_support import triton_available
 from .catalog import CatalogEntry, lookup, recognise
 from .checkpoint import CheckpointError, open_weights
+from .contract import TASKS, Encoder, Runner
+from .devices import resolve_device, resolve_dtype
 from .eland import materialize_eland
 from .embedding import DenseLayer, EmbeddingModel
 from .families import Family, family_for_config
 from .layers import WeightReader
-from .listwise import BLOCK_DOCUMENTS, MAX_DOCUMENT_TOKENS, ListwiseReranker, has_listwise_head
+from .listwise import BLOCK_DOCUMENTS, MAX_DOCUMENT_TOKENS, ListwiseReranker
 from .model_dir import ModelDirSpec, read_model_dir
 from .packing import pack_sequences
-from .rerank import RerankModel, load_classifier_head
+from .rerank import RerankModel
+from .settings import ModelSettings
 from .sparse import SparseEmbeddingModel
 from .tokenizer import TextTokenizer
 
 log = logging.getLogger("infercore.models")
 
-# Checkpoint entries that a task's head may not use and whose presence is normal.
-_IGNORED_PREFIXES = ("pooler.", "cls.", "classifier.", "lm_head.")
 _IGNORED_SUFFIXES = ("position_ids",)  # a buffer old transformers versions saved
 # tokenizer_config.json uses a huge sentinel for "no limit"
 _TOKENIZER_NO_LIMIT = 1_000_000
@@ -48,7 +50,7 @@ class ServedModel:
     family: str
     path: Path
     tokenizer: TextTokenizer
-    runner: EmbeddingModel | SparseEmbeddingModel | RerankModel | ListwiseReranker
+    runner: Runner
     max_input_tokens: int
     dimensions: int
     device: torch.device
@@ -64,10 +66,13 @@ class ServedModel:
     tasks: dict[str, str] = field(default_factory=dict)
     default_task: str | None = None
     end_of_life_date: dt.date | None = None
-    # rerank: see CatalogEntry
+    # rerank: see ModelSettings
     max_query_tokens: int = 0
     rerank_windows: bool = False
     window_overlap_tokens: int = 80
+    # Every setting as resolved from the directory, the catalog and the defaults; the fields above
+    # are the values in force after what loading derives (limits, adapter tasks).
+    settings: ModelSettings = field(default_factory=ModelSettings)
 
     @functools.cached_property
     def _prompt_lengths(self) -> dict[str, int]:
@@ -102,100 +107,15 @@ class ServedModel:
         if not triton_available():
             return {}
         vocab = self.dimensions if self.task == "sparse_embedding" else None
-        shapes = model_kernel_shapes(getattr(self.runner, "encoder", None), vocab)
+        shapes = model_kernel_shapes(self.runner.encoder, vocab)
         return {} if shapes is None else check_kernels_once(shapes, self.device, self.dtype)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"device {device!r} requested but no CUDA device is available")
-    return resolved
-
-
-DEVICE_FORMS = "auto, cpu, cuda, cuda:N, cuda:all, or a comma-separated list of CUDA devices (cuda:0,cuda:1)"
-
-
-def resolve_devices(spec: str) -> list[torch.device]:
-    """The devices ``--device`` names; the server loads one replica of each model on each.
-
-    ``auto``: every visible CUDA device, or the CPU when there is none. ``cpu``; ``cuda`` (= cuda:0);
-    ``cuda:N``; ``cuda:all``: every visible CUDA device; ``cuda:0,cuda:2``: those devices, in that
-    order. CUDA_VISIBLE_DEVICES decides what is visible (and numbers it from 0). Raises
-    CheckpointError naming the problem: an unknown device, one listed twice, the CPU in a list, an
-    index beyond the visible devices, CUDA without a CUDA device.
-    """
-    spec = spec.strip()
-    entries = [entry.strip() for entry in spec.split(",")]
-    if not all(entries):
-        raise CheckpointError(f"device list {spec!r} has an empty entry; expected {DEVICE_FORMS}")
-    if entries == ["auto"]:
-        entries = ["cuda:all"] if torch.cuda.is_available() else ["cpu"]
-    if "cuda:all" in entries:
-        if len(entries) > 1:
-            raise CheckpointError(
-                f"device list {spec!r}: cuda:all already names every CUDA device; list nothing beside it"
-            )
-        return [torch.device("cuda", i) for i in range(_visible_cuda_devices(spec))]
-    parsed = [_parse_device(entry, spec) for entry in entries]
-    if any(device.type == "cpu" for device in parsed):
-        if len(parsed) > 1:
-            raise CheckpointError(
-                f"device list {spec!r}: cpu cannot be combined with other devices (a list names CUDA devices only)"
-            )
-        return [torch.device("cpu")]
-    available = _visible_cuda_devices(spec)
-    devices: list[torch.device] = []
-    for entry, device in zip(entries, parsed):
-        if device.index >= available:
-            raise CheckpointError(
-                f"device {entry!r} requested but only {available} CUDA device{'s' if available > 1 else ''} "
-                f"{'are' if available > 1 else 'is'} visible (cuda:0 to cuda:{available - 1})"
-            )
-        if device in devices:
-            raise CheckpointError(f"device list {spec!r} names {device} twice")
-        devices.append(device)
-    return devices
-
-
-def _parse_device(entry: str, spec: str) -> torch.device:
-    """One entry of a device list: the CPU, or a CUDA device with its index (cuda = cuda:0)."""
-    if entry == "auto":
-        raise CheckpointError(f"device list {spec!r}: auto cannot be combined with other devices")
-    try:
-        device = torch.device(entry)
-    except RuntimeError:
-        raise CheckpointError(f"unknown device {entry!r}; expected {DEVICE_FORMS}") from None
-    if device.type == "cpu":
-        return torch.device("cpu")
-    if device.type != "cuda":
-        raise CheckpointError(f"device {entry!r} is not supported; expected {DEVICE_FORMS}")
-    return torch.device("cuda", device.index or 0)
-
-
-def _visible_cuda_devices(spec: str) -> int:
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        raise CheckpointError(f"device {spec!r} requested but no CUDA device is available")
-    return count
-
-
-def resolve_dtype(dtype: str, device: torch.device, family: Family) -> torch.dtype:
-    if dtype == "auto":
-        return family.cuda_dtype if device.type == "cuda" else torch.float32
-    resolved = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    if device.type == "cpu" and resolved == torch.float16:
-        raise CheckpointError("float16 is not supported on CPU; use float32 or bfloat16")
-    return resolved
-
-
 def infer_task(spec: ModelDirSpec, entry: CatalogEntry | None) -> str:
-    if "task" in spec.settings:
-        return spec.settings["task"]
-    if entry is not None:
-        return entry.task
+    """The settings' task (infercore.json, else the catalog's), else what the checkpoint looks like."""
+    task = spec.resolve_settings(entry).task
+    if task is not None:
+        return task
     if any(m in ("SpladePooling", "MLMTransformer") for m in spec.st_modules):
         return "sparse_embedding"
     # A masked-LM checkpoint without a sentence-transformers pooling config is served the way
@@ -207,49 +127,47 @@ def infer_task(spec: ModelDirSpec, entry: CatalogEntry | None) -> str:
     return "text_embedding"
 
 
-# Tasks this build has heads for.
-SERVED_TASKS = ("text_embedding", "sparse_embedding", "rerank")
-
-
 def require_served_task(task: str, path: Path) -> None:
-    if task not in SERVED_TASKS:
-        raise CheckpointError(f"{path}: task {task!r} is not served by this build (served: {', '.join(SERVED_TASKS)})")
+    if task not in TASKS:
+        raise CheckpointError(f"{path}: task {task!r} is not served by this build (served: {', '.join(TASKS)})")
 
 
 def build_runner(
     task: str,
     spec: ModelDirSpec,
-    entry: CatalogEntry | None,
+    settings: ModelSettings,
     family: Family,
-    encoder: torch.nn.Module,
+    encoder: Encoder,
     reader: WeightReader,
     device: torch.device,
-) -> EmbeddingModel | SparseEmbeddingModel | RerankModel | ListwiseReranker:
-    """The task's head on top of the encoder."""
+) -> Runner:
+    """The task's head on top of the encoder, loaded by the family's own head loader."""
+    heads = family.heads
     if task == "sparse_embedding":
-        if family.mlm_head is None:
+        if heads.mlm is None:
             raise CheckpointError(f"{spec.path}: the {family.name} family has no masked-LM head for sparse embedding")
-        return SparseEmbeddingModel(encoder, family.mlm_head(encoder, reader))
-    if task == "rerank" and has_listwise_head(encoder, reader):
-        settings = spec.settings
+        return SparseEmbeddingModel(encoder, heads.mlm(encoder, reader))
+    projector = heads.listwise(encoder, reader) if task == "rerank" and heads.listwise is not None else None
+    if projector is not None:
         return ListwiseReranker.from_checkpoint(
-            encoder, reader, spec.tokenizer_file,
-            block_documents=int(settings.get("rerank_block_documents")
-                                or (entry and entry.rerank_block_documents) or BLOCK_DOCUMENTS),
-            max_document_tokens=int(settings.get("max_document_tokens")
-                                    or (entry and entry.max_document_tokens) or MAX_DOCUMENT_TOKENS),
+            encoder, projector, spec.tokenizer_file,
+            block_documents=int(settings.rerank_block_documents or BLOCK_DOCUMENTS),
+            max_document_tokens=int(settings.max_document_tokens or MAX_DOCUMENT_TOKENS),
         )
     if task == "rerank":
-        return RerankModel(encoder, load_classifier_head(encoder, reader, spec.config))
-    pooling = spec.pooling or (entry.pooling if entry else None) or "mean"
+        if heads.classifier is None:
+            readable = " (jina-reranker-v3's projector.*)" if heads.listwise is not None else ""
+            raise CheckpointError(
+                f"{spec.path}: the checkpoint has no reranking head the {family.name} family reads{readable}"
+            )
+        return RerankModel(encoder, heads.classifier(encoder, reader, spec.config))
     dense = [DenseLayer(d, device) for d in spec.dense]
-    return EmbeddingModel(encoder, pooling, dense)
+    return EmbeddingModel(encoder, settings.pooling or "mean", dense)
 
 
-def max_input_tokens(spec: ModelDirSpec, entry: CatalogEntry | None, position_limit: int) -> int:
-    declared = spec.settings.get("max_input_tokens") or spec.st_max_seq_length
-    if declared is None and entry is not None:
-        declared = entry.max_input_tokens
+def max_input_tokens(spec: ModelDirSpec, settings: ModelSettings, position_limit: int) -> int:
+    """The settings' limit, else tokenizer_config.json's, else the positions the model has (never more)."""
+    declared = settings.max_input_tokens
     if declared is None:
         tokenizer_limit = spec.tokenizer_config.get("model_max_length")
         if isinstance(tokenizer_limit, int) and tokenizer_limit < _TOKENIZER_NO_LIMIT:
@@ -273,37 +191,34 @@ def load_model(
         entry = recognise(spec.config, spec.path.name)
         if entry is not None:
             log.info("model %s: %s is recognised as the catalog's %s", model_id, spec.path, entry.id)
+    settings = spec.resolve_settings(entry)
     task = infer_task(spec, entry)
     require_served_task(task, spec.path)
     family = family_for_config(spec.config)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device, family)
+    torch_dtype = resolve_dtype(dtype, torch_device, family.cuda_dtype)
 
     reader = WeightReader(open_weights(spec.path), torch_device, torch_dtype, model_dir=spec.path)
     encoder = family.encoder.from_checkpoint(spec.config, reader)
-    runner = build_runner(task, spec, entry, family, encoder, reader, torch_device)
+    runner = build_runner(task, spec, settings, family, encoder, reader, torch_device)
     unused = [
         k for k in reader.unused()
-        if not k.removeprefix(encoder.weight_prefix).startswith(_IGNORED_PREFIXES) and not k.endswith(_IGNORED_SUFFIXES)
+        if not k.removeprefix(encoder.weight_prefix).startswith(family.heads.weight_prefixes)
+        and not k.endswith(_IGNORED_SUFFIXES)
     ]
     if unused:
         log.warning("model %s: %d checkpoint weights unused (e.g. %s)", model_id, len(unused), ", ".join(unused[:3]))
 
 
-    limit = max_input_tokens(spec, entry, encoder.max_positions)
+    limit = max_input_tokens(spec, settings, encoder.max_positions)
     if max_input_tokens_cap:
         limit = min(limit, max_input_tokens_cap)
     tokenizer = TextTokenizer.from_file(spec.tokenizer_file, limit)
 
-    prompts = spec.prompts or (dict(entry.prompts) if entry else {})
-    default_prompt = spec.default_prompt_name or (entry.default_prompt_name if entry and not spec.prompts else None)
-    matryoshka = tuple(spec.settings.get("matryoshka_dimensions") or (entry.matryoshka_dimensions if entry else ()))
-    settings = spec.settings
-    max_query = settings.get("max_query_tokens") or (entry.max_query_tokens if entry else None) or limit // 2
-    windows = settings.get("rerank_windows", entry.rerank_windows if entry else False)
-    tasks = dict(settings.get("tasks") or (entry.tasks if entry else {}))
-    adapters = tuple(getattr(encoder, "adapter_names", ()))
-    instructions = getattr(encoder, "task_instructions", {})
+    max_query = settings.max_query_tokens or limit // 2
+    tasks = dict(settings.tasks)
+    adapters = encoder.adapter_names
+    instructions = encoder.task_instructions
     for name in adapters:
         tasks.setdefault(name, instructions.get(name, ""))
     if adapters and set(tasks) - set(adapters):
@@ -311,18 +226,9 @@ def load_model(
             f"{spec.path}: tasks {sorted(set(tasks) - set(adapters))} have no adapter in the checkpoint "
             f"(adapters: {list(adapters)})"
         )
-    default_task = settings.get("default_task") or (entry.default_task if entry else None)
-    end_of_life = entry.end_of_life_date if entry else None
-    if "end_of_life_date" in settings:
-        try:
-            end_of_life = dt.date.fromisoformat(str(settings["end_of_life_date"]))
-        except ValueError:
-            raise CheckpointError(
-                f"{spec.path}: end_of_life_date {settings['end_of_life_date']!r} is not a date (YYYY-MM-DD)"
-            ) from None
+    default_task = settings.default_task
     if default_task is not None and default_task not in tasks:
         raise CheckpointError(f"{spec.path}: default task {default_task!r} is not one of the tasks {sorted(tasks)}")
-    overlap = settings.get("window_overlap_tokens", entry.window_overlap_tokens if entry else 80)
     return ServedModel(
         id=model_id,
         task=task,
@@ -334,16 +240,17 @@ def load_model(
         dimensions=runner.dimensions,
         device=torch_device,
         dtype=torch_dtype,
-        prompts=prompts,
-        default_prompt_name=default_prompt,
-        include_prompt=spec.include_prompt,
-        matryoshka_dimensions=matryoshka,
+        prompts=dict(settings.prompts),
+        default_prompt_name=settings.default_prompt_name,
+        include_prompt=settings.include_prompt,
+        matryoshka_dimensions=tuple(settings.matryoshka_dimensions),
         catalog=entry,
-        description=entry.description if entry else "",
+        description=settings.description,
         max_query_tokens=min(max_query, limit - tokenizer.num_special_pair_tokens - 1),
-        rerank_windows=bool(windows),
+        rerank_windows=bool(settings.rerank_windows),
         tasks=tasks,
         default_task=default_task,
-        end_of_life_date=end_of_life,
-        window_overlap_tokens=int(overlap),
+        end_of_life_date=settings.end_of_life_date,
+        window_overlap_tokens=int(settings.window_overlap_tokens),
+        settings=settings,
     )

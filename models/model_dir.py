@@ -4,7 +4,8 @@ and an optional ``infercore.json`` settings file.
 ``read_model_dir`` turns a directory into a ``ModelDirSpec`` or raises ``CheckpointError`` naming
 the first thing that makes it unservable. Nothing here touches tensor data.
 
-Settings file (``infercore.json``, every key optional) overrides what the directory implies::
+Settings file (``infercore.json``, every key optional: a ``ModelSettings`` field or ``catalog_id``)
+overrides what the directory implies (models/settings.py)::
 
     {"task": "text_embedding", "pooling": "mean", "max_input_tokens": 512,
      "prompts": {"query": "query: "}, "default_prompt_name": null, "include_prompt": true,
@@ -18,23 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..kernels.segment_pool import POOLING_MODES
 from .checkpoint import CheckpointError, weight_files
+from .settings import SETTINGS_FILE, ModelSettings, parse_settings_file, resolve_settings
 
-SETTINGS_FILE = "infercore.json"
 TOKENIZER_FILE = "tokenizer.json"
-SETTINGS_KEYS = {
-    "task", "pooling", "max_input_tokens", "prompts", "default_prompt_name",
-    "include_prompt", "matryoshka_dimensions", "catalog_id",
-    # rerank: query cap in tokens, sliding windows over long documents, their overlap in tokens
-    "max_query_tokens", "rerank_windows", "window_overlap_tokens",
-    # listwise rerank: documents per prompt block, and each document's token cap
-    "rerank_block_documents", "max_document_tokens",
-    # multi-task models: {task: instruction prefix} and the default task
-    "tasks", "default_task",
-    # ISO date after which requests to the model are refused (410)
-    "end_of_life_date",
-}
 # sentence-transformers pooling config keys → our pooling mode names
 _ST_POOLING_KEYS = {
     "pooling_mode_cls_token": "cls",
@@ -73,14 +61,32 @@ class ModelDirSpec:
     weight_files: tuple[Path, ...]
     tokenizer_file: Path
     tokenizer_config: dict[str, Any]
-    settings: dict[str, Any]
+    settings: dict[str, Any]  # infercore.json as written
     st_modules: tuple[str, ...] = ()
-    st_max_seq_length: int | None = None
-    pooling: str | None = None
-    include_prompt: bool = True
     dense: tuple[DenseSpec, ...] = ()
-    prompts: dict[str, str] = field(default_factory=dict)
-    default_prompt_name: str | None = None
+    # ModelSettings fields: parsed from infercore.json, and what the sentence-transformers files declare
+    file_settings: dict[str, Any] = field(default_factory=dict)
+    sentence_transformers: dict[str, Any] = field(default_factory=dict)
+
+    def resolve_settings(self, catalog: ModelSettings | None = None) -> ModelSettings:
+        """The model's settings: this directory's over ``catalog``'s over the defaults."""
+        return resolve_settings(self.file_settings, self.sentence_transformers, catalog)
+
+    @property
+    def pooling(self) -> str | None:
+        return self.resolve_settings().pooling
+
+    @property
+    def include_prompt(self) -> bool:
+        return self.resolve_settings().include_prompt
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        return self.resolve_settings().prompts
+
+    @property
+    def default_prompt_name(self) -> str | None:
+        return self.resolve_settings().default_prompt_name
 
     @property
     def model_type(self) -> str:
@@ -181,13 +187,7 @@ def read_model_dir(path: str | Path) -> ModelDirSpec:
     tokenizer_config = _read_json_if_present(path / "tokenizer_config.json") or {}
 
     settings = _read_json_if_present(path / SETTINGS_FILE) or {}
-    if not isinstance(settings, dict):
-        raise CheckpointError(f"{path}/{SETTINGS_FILE} is not a JSON object")
-    unknown = set(settings) - SETTINGS_KEYS
-    if unknown:
-        raise CheckpointError(
-            f"{path}/{SETTINGS_FILE} has unknown keys {sorted(unknown)} (known: {sorted(SETTINGS_KEYS)})"
-        )
+    file_settings = parse_settings_file(settings, f"{path}/{SETTINGS_FILE}")
 
     st_modules: list[str] = []
     pooling: str | None = None
@@ -222,23 +222,19 @@ def read_model_dir(path: str | Path) -> ModelDirSpec:
                     "SpladePooling)"
                 )
 
+    # What the sentence-transformers files declare, as ModelSettings fields (absent: not declared).
     st_config = _read_json_if_present(path / "sentence_bert_config.json") or {}
     st_prompts = _read_json_if_present(path / "config_sentence_transformers.json") or {}
-    prompts = dict(st_prompts.get("prompts") or {})
-    default_prompt_name = st_prompts.get("default_prompt_name")
+    declared = {
+        "pooling": pooling,
+        "include_prompt": include_prompt if pooling is not None else None,
+        "max_input_tokens": st_config.get("max_seq_length"),
+        "prompts": dict(st_prompts.get("prompts") or {}) or None,
+        "default_prompt_name": st_prompts.get("default_prompt_name"),
+    }
+    sentence_transformers = {name: value for name, value in declared.items() if value is not None}
 
-    if "pooling" in settings and settings["pooling"] not in POOLING_MODES:
-        raise CheckpointError(
-            f"{path}/{SETTINGS_FILE}: pooling {settings['pooling']!r} is not one of {', '.join(POOLING_MODES)}"
-        )
-    if "prompts" in settings:
-        prompts = dict(settings["prompts"])
-    if "default_prompt_name" in settings:
-        default_prompt_name = settings["default_prompt_name"]
-    if default_prompt_name is not None and default_prompt_name not in prompts:
-        raise CheckpointError(f"default prompt {default_prompt_name!r} is not one of the prompts {sorted(prompts)}")
-
-    return ModelDirSpec(
+    spec = ModelDirSpec(
         path=path,
         config=config,
         weight_files=files,
@@ -246,10 +242,9 @@ def read_model_dir(path: str | Path) -> ModelDirSpec:
         tokenizer_config=tokenizer_config,
         settings=settings,
         st_modules=tuple(st_modules),
-        st_max_seq_length=st_config.get("max_seq_length"),
-        pooling=settings.get("pooling", pooling),
-        include_prompt=bool(settings.get("include_prompt", include_prompt)),
         dense=tuple(dense),
-        prompts=prompts,
-        default_prompt_name=default_prompt_name,
+        file_settings=file_settings,
+        sentence_transformers=sentence_transformers,
     )
+    spec.resolve_settings()  # the directory's own settings agree with each other (default prompt)
+    return spec

@@ -58,14 +58,6 @@ class PackedBatch:
     def device(self) -> torch.device:
         return self.input_ids.device
 
-    def last_token_index(self) -> torch.Tensor:
-        """[num_seqs] index of each sequence's last token in the flat layout."""
-        return self.cu_seqlens[1:].long() - 1
-
-    def first_token_index(self) -> torch.Tensor:
-        """[num_seqs] index of each sequence's first token in the flat layout."""
-        return self.cu_seqlens[:-1].long()
-
     def sequence_index(self) -> torch.Tensor:
         """[total_tokens] which sequence each token belongs to."""
         lens = torch.tensor(self.seq_lens, dtype=torch.long, device=self.device)

@@ -1,11 +1,7 @@
 """Cross-encoder rerankers: (query, document) read together as one packed sequence, one logit out.
 
-Heads of the published sequence-classification checkpoints with one label:
-
-- BERT (``BertForSequenceClassification``): ``bert.pooler.dense`` + tanh on the first token, then
-  ``classifier`` (hidden → 1);
-- XLM-RoBERTa (``XLMRobertaForSequenceClassification``, and Jina's flash layout of
-  jina-reranker-v2): ``classifier.dense`` + tanh on the first token, then ``classifier.out_proj``.
+The head is first token → dense → tanh → one logit; each family loads it from its own checkpoint
+layout (``contract.Heads.classifier``: BERT's and (XLM-)RoBERTa's in bert.py).
 
 ``run`` returns raw logits; the engine takes the max over a document's windows and applies the
 sigmoid (monotone, so max-then-sigmoid equals sigmoid-then-max).
@@ -15,12 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .checkpoint import CheckpointError
-from .layers import WeightReader, assign, load_linear
+from .contract import Encoder
 from .packing import PackedBatch
 
 
@@ -41,53 +38,28 @@ class ClassifierHead(nn.Module):
         return self.out(torch.tanh(self.dense(first_tokens))).squeeze(-1)
 
 
-def _num_labels(config: dict) -> int:
+def require_one_label(config: dict[str, Any]) -> None:
+    """Refuse a sequence classifier that is not a reranker (families call it before loading their head)."""
     if "num_labels" in config:
-        return int(config["num_labels"])
-    labels = config.get("id2label")
-    return len(labels) if labels else 2
-
-
-def load_classifier_head(encoder: nn.Module, reader: WeightReader, config: dict) -> ClassifierHead:
-    """The head of a one-label sequence-classification checkpoint, in whichever layout it has."""
-    labels = _num_labels(config)
+        labels = int(config["num_labels"])
+    else:
+        labels = len(config.get("id2label") or {}) or 2
     if labels != 1:
         raise CheckpointError(
             f"a sequence classifier with {labels} labels is not a reranker (rerankers have num_labels 1)"
         )
-    root = encoder.weight_prefix
-    for name in ("bert.", "roberta.", "model."):
-        root = root.removesuffix(name)
-    with torch.device("meta"):
-        head = ClassifierHead(encoder.hidden_size)
-    if root + "classifier.out_proj.weight" in reader:  # (XLM-)RoBERTa, Jina flash XLM-R
-        load_linear(head.dense, reader, root + "classifier.dense")
-        load_linear(head.out, reader, root + "classifier.out_proj")
-    elif root + "classifier.weight" in reader:  # BERT: pooler, then classifier
-        pooler = encoder.weight_prefix + "pooler.dense"
-        if pooler + ".weight" not in reader:
-            raise CheckpointError("a BERT sequence classifier needs its pooler (pooler.dense) weights")
-        load_linear(head.dense, reader, pooler)
-        assign(head.out, "weight", reader.get(root + "classifier.weight"))
-        assign(head.out, "bias", reader.get(root + "classifier.bias"))
-    else:
-        raise CheckpointError(
-            "the checkpoint has no sequence-classification head (classifier.*): a reranker needs a "
-            "*ForSequenceClassification checkpoint with one label"
-        )
-    return head.eval()
 
 
 class RerankModel:
-    """A packed encoder with a one-logit classification head. ``run`` writes no state, so the
-    executor threads of one model share it."""
+    """A packed encoder with a one-logit classification head (a ``contract.Runner``). ``run`` writes
+    no state, so the executor threads of one model share it."""
 
-    task = "rerank"
-    kind = "cross-encoder"
+    task: ClassVar[str] = "rerank"
+    listwise: ClassVar[bool] = False
     pooling = "cls"
     dimensions = 1
 
-    def __init__(self, encoder: nn.Module, head: ClassifierHead):
+    def __init__(self, encoder: Encoder, head: ClassifierHead):
         self.encoder = encoder
         self.head = head
 

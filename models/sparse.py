@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..kernels.splade_pool import splade_pool
+from .contract import Encoder
 from .packing import PackedBatch
 
 
@@ -43,8 +45,8 @@ class SparseVector:
 class MlmHead(nn.Module):
     """Masked-LM prediction head: dense → activation → LayerNorm → decoder (+ bias).
 
-    Families build it from their own checkpoint names; ``transform`` runs per token, the decoder
-    product is left to the fused expansion.
+    Families build it from their own checkpoint names (``contract.Heads.mlm``); ``transform`` runs
+    per token, the decoder product is left to the fused expansion.
     """
 
     def __init__(self, hidden_size: int, vocab_size: int, eps: float, act: Callable[[torch.Tensor], torch.Tensor]):
@@ -79,13 +81,14 @@ def extract_sparse(pooled: torch.Tensor, options: Sequence[SparseOptions]) -> li
 
 
 class SparseEmbeddingModel:
-    """A packed encoder with an MLM head pooled SPLADE-style. ``run`` writes no state, so the
-    executor threads of one model share it."""
+    """A packed encoder with an MLM head pooled SPLADE-style (a ``contract.Runner``). ``run`` writes
+    no state, so the executor threads of one model share it."""
 
-    task = "sparse_embedding"
+    task: ClassVar[str] = "sparse_embedding"
+    listwise: ClassVar[bool] = False
     pooling = "splade"
 
-    def __init__(self, encoder: nn.Module, head: MlmHead):
+    def __init__(self, encoder: Encoder, head: MlmHead):
         self.encoder = encoder
         self.head = head
         self.dimensions = head.decoder_weight.shape[0]

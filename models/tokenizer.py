@@ -221,6 +221,3 @@ class TextTokenizer:
             if 0 <= token_id < len(table):
                 table[token_id] = token
         return table
-
-    def id_to_token(self, token_id: int) -> str | None:
-        return self._tok.id_to_token(token_id)

@@ -41,6 +41,8 @@ class SparseEmbedRequest:
     min_weight: float = 0.0
     priority: str | None = None
     timeout_s: float | None = None
+    # Also spell each term as a token (``EmbedResult.terms``), for dialects that answer tokens.
+    return_terms: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,9 @@ class Timings:
 
 @dataclass
 class EmbedResult:
-    """Dense vectors (float32 arrays), or for sparse requests ``SparseVector``s (ids, weights)."""
+    """Dense vectors (float32 arrays), or for sparse requests ``SparseVector``s (``ids`` and
+    ``weights`` arrays, heaviest first) and, when the request asked for them, ``terms``: each
+    vector's tokens in ``ids`` order, spelled by ``spell_token``."""
 
     model: str
     vectors: list[Any]
@@ -80,6 +84,25 @@ class EmbedResult:
     truncated: list[bool]
     lane: str = "ingest"
     timings: Timings = field(default_factory=Timings)
+    terms: list[list[str]] | None = None
+
+    def term_weights(self) -> list[dict[str, float]]:
+        """{token: weight} per sparse vector, heaviest first (needs ``return_terms``)."""
+        if self.terms is None:
+            raise ValueError("the request did not ask for terms (SparseEmbedRequest.return_terms)")
+        return [dict(zip(tokens, vector.weights.tolist())) for tokens, vector in zip(self.terms, self.vectors)]
+
+
+def spell_token(token: str) -> str:
+    """A vocabulary entry as every dialect answers it: as Elasticsearch stores it, the WordPiece
+    string with each "." written "__" (a dot would be a field path separator in a sparse_vector
+    field). The one spelling rule of sparse terms."""
+    return token.replace(".", "__")
+
+
+def as_list(inputs: str | list[str]) -> list[str]:
+    """One input or a list of them, as a list: the ``"input": "text" | ["text", ...]`` of most dialects."""
+    return [inputs] if isinstance(inputs, str) else inputs
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """The engine: loaded models, their schedulers and executors, and the request pipeline.
 
-admission (readiness, concurrency) → validate → tokenize (worker pool, off the event loop) → pick a
-lane → queue one work item per input (admission in tokens) → executors batch and compute → futures
-resolve → a canonical result. Dialects call the engine with canonical requests; the engine never
-sees JSON and never touches tensors itself.
+admission (readiness, concurrency) → validate (server/validation.py) → tokenize (worker pool, off
+the event loop) → pick a lane → queue one work item per input (admission in tokens) → executors
+batch and compute → futures resolve → a canonical result. Reranking strategies live in
+server/reranking.py. Dialects call the engine with canonical requests and describe models from
+``Engine.info()``; the engine never sees JSON and never touches tensors itself.
 """
 
 from __future__ import annotations
@@ -11,21 +12,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
-import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
+from .. import __version__
+from ..kernels import triton_support
 from ..models.checkpoint import CheckpointError
+from ..models.devices import resolve_devices
 from ..models.embedding import EmbedOptions
-from ..models.listwise import ListwiseReranker
-from ..models.loader import ServedModel, load_model, resolve_devices
+from ..models.loader import ServedModel, load_model
 from ..models.repository import resolve_sources
 from ..models.sparse import SparseOptions
 from ..models.tokenizer import InputTooLong, Token, TokenizedInput
@@ -39,6 +40,7 @@ from .canonical import (
     SparseEmbedRequest,
     Timings,
     TokenizeRequest,
+    spell_token,
 )
 from .config import ServerConfig
 from .errors import (
@@ -51,33 +53,28 @@ from .errors import (
     ValidationError,
 )
 from .executor import ItemResult, ModelExecutor
+from .info import ModelInfo, ServerInfo, ServerLimits, describe_bi_encoder, describe_model
 from .metrics import Metrics
+from .reranking import BiEncoderReranker, strategy_for
 from .scheduler import LANES, TokenBudgetScheduler, WorkItem
+from .validation import (
+    check_dimensions,
+    check_inputs,
+    check_priority,
+    check_rerank_request,
+    check_sparse_options,
+    request_deadline,
+    resolve_prompt,
+    resolve_task,
+)
 
 log = logging.getLogger("infercore.engine")
 
 HEALTH_PROBE_TIMEOUT_S = 30.0
-# A document longer than this many windows is cut after the last one.
-MAX_RERANK_WINDOWS = 32
+# The execution backend every model runs on (the Triton kernels are part of it).
+BACKEND = "torch"
 # A request with one input of at most this many tokens and no explicit lane is a search.
 SEARCH_LANE_MAX_TOKENS = 64
-
-
-@dataclass(frozen=True)
-class BiEncoderReranker:
-    """The starter set's stand-in when no cross-encoder is loaded: cosine similarity of an
-    embedding model's vectors of the query and of each document. Named and described as what it
-    is; a configured cross-encoder replaces it."""
-
-    id: str
-    embedder: ModelHandle
-
-    @property
-    def description(self) -> str:
-        return (
-            f"bi-encoder reranker, not a cross-encoder: the cosine similarity of {self.embedder.id} embeddings "
-            "of the query and of each document (scores in [-1, 1])"
-        )
 
 
 @dataclass
@@ -106,6 +103,11 @@ class ModelHandle:
     def healthy(self) -> bool:
         return all(e.healthy for e in self.executors)
 
+    @functools.cached_property
+    def spelled_vocabulary(self) -> list[str]:
+        """Every token id's text as sparse results spell it (``canonical.spell_token``), built once."""
+        return [spell_token(token) for token in self.model.tokenizer.vocabulary]
+
 
 class Engine:
     def __init__(self, config: ServerConfig, metrics: Metrics | None = None):
@@ -115,6 +117,7 @@ class Engine:
         self.bi_encoder_rerankers: dict[str, BiEncoderReranker] = {}
         self.state = "starting"  # starting → ready → draining → stopped; or failed
         self.failure: str | None = None
+        self._info: ServerInfo | None = None  # built once loading ends
         # Requests between admission and their answer (tokenizing, queued or computing).
         self.admitted = 0
         self._tokenizer_pool = ThreadPoolExecutor(config.tokenization_workers, thread_name_prefix="tokenize")
@@ -132,6 +135,7 @@ class Engine:
             self.state = "failed"
             raise
         self._add_bi_encoder_reranker()
+        self._info = self._describe()
         if self.state == "starting":  # not if a drain began while loading
             self.state = "ready"
 
@@ -146,6 +150,38 @@ class Engine:
         if embedder is not None:
             reranker = BiEncoderReranker(f"{embedder.id}-bi-encoder-rerank", embedder)
             self.bi_encoder_rerankers[reranker.id] = reranker
+
+    def _describe(self) -> ServerInfo:
+        """What front ends may know, from the loaded models and the settings."""
+        models: list[ModelInfo] = []
+        defaults: set[str] = set()
+        for handle in self.models.values():
+            models.append(describe_model(handle.model, handle.devices, handle.scheduler.max_batch_tokens,
+                                         is_default=handle.model.task not in defaults))
+            defaults.add(handle.model.task)
+        for reranker in self.bi_encoder_rerankers.values():
+            embedder = next(info for info in models if info.id == reranker.embedder.id)
+            models.append(describe_bi_encoder(reranker.id, reranker.description, embedder,
+                                              is_default="rerank" not in defaults))
+            defaults.add("rerank")
+        config = self.config
+        limits = ServerLimits(
+            max_client_batch_size=config.max_client_batch_size,
+            max_concurrent_requests=config.max_concurrent_requests,
+            max_batch_requests=config.max_batch_requests,
+            payload_limit_bytes=config.payload_limit_bytes,
+            auto_truncate=config.auto_truncate,
+            request_timeout_s=config.request_timeout_s,
+            tokenization_workers=config.tokenization_workers,
+            grpc_stream_max_in_flight=config.grpc_stream_max_in_flight,
+        )
+        return ServerInfo(__version__, BACKEND, tuple(models), limits, dict(triton_support.disabled()))
+
+    def info(self) -> ServerInfo:
+        """The server's and every served model's description (NotReady until loading ends)."""
+        self.require_ready()
+        assert self._info is not None
+        return self._info
 
     def _load_one(self, model_id: str, path) -> None:
         """Load the model once per configured device (a replica each, warmed up), and start every
@@ -272,31 +308,6 @@ class Engine:
 
     # ---- pipeline --------------------------------------------------------------------------
 
-    def _check_inputs(self, inputs: list[str]) -> None:
-        if not inputs:
-            raise ValidationError("inputs must not be empty")
-        limit = self.config.max_client_batch_size
-        if len(inputs) > limit:
-            raise PayloadTooLarge(
-                f"batch size {len(inputs)} is larger than the maximum of {limit} inputs per request "
-                "(--max-client-batch-size)"
-            )
-        for i, text in enumerate(inputs):
-            if not text:
-                raise ValidationError(f"input {i} is empty")
-
-    def _deadline(self, timeout_s: float | None, started: float) -> float:
-        if timeout_s is None:
-            timeout_s = self.config.request_timeout_s
-        elif not timeout_s > 0:
-            raise ValidationError(f"the request timeout must be a positive number of seconds, got {timeout_s}")
-        return started + timeout_s
-
-    @staticmethod
-    def _check_priority(priority: str | None) -> None:
-        if priority is not None and priority not in LANES:
-            raise ValidationError(f"priority must be one of {', '.join(LANES)}, got {priority!r}")
-
     @staticmethod
     def _lane(priority: str | None, tokenized: list[TokenizedInput]) -> str:
         """The request's lane, or by default: search for one short input, ingest otherwise."""
@@ -306,40 +317,17 @@ class Engine:
             return "search"
         return "ingest"
 
-    def _prompt(self, model: ServedModel, prompt_name: str | None) -> tuple[str | None, str]:
-        name = prompt_name if prompt_name is not None else model.default_prompt_name
-        if name is None:
-            return None, ""
-        try:
-            return name, model.prompts[name]
-        except KeyError:
-            available = sorted(model.prompts) or "none"
-            raise ValidationError(
-                f"prompt_name {name!r} is not defined for model {model.id!r} (prompts: {available})"
-            ) from None
-
-    @staticmethod
-    def _task(model: ServedModel, task: str | None) -> tuple[str | None, str]:
-        """(the task, its instruction prefix) for multi-task models; (None, "") otherwise."""
-        if task is None:
-            task = model.default_task
-            if task is None:
-                return None, ""
-        if task not in model.tasks:
-            known = ", ".join(sorted(model.tasks)) or "none: this model has no tasks"
-            raise ValidationError(f"task {task!r} is not a task of model {model.id!r} (tasks: {known})")
-        return task, model.tasks[task]
+    async def off_loop(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` on the tokenizer pool, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, function, *args)
 
     async def _tokenize(self, model: ServedModel, texts: list[str], truncate: bool, left: bool) -> list[TokenizedInput]:
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(
-                self._tokenizer_pool, model.tokenizer.encode_batch, texts, truncate, left
-            )
+            return await self.off_loop(model.tokenizer.encode_batch, texts, truncate, left)
         except InputTooLong as exc:
             raise PayloadTooLarge(str(exc)) from None
 
-    async def _compute(
+    async def compute(
         self, handle: ModelHandle, tokenized: list[TokenizedInput], options: list, lane: str, deadline: float
     ) -> list[ItemResult]:
         """Queue one item per input and wait for all of them, at most until ``deadline``.
@@ -376,14 +364,10 @@ class Engine:
         with self.admission():
             handle = self.resolve(request.model, "text_embedding")
             model = handle.model
-            self._check_inputs(request.inputs)
-            if request.dimensions is not None and not 0 < request.dimensions <= model.dimensions:
-                raise ValidationError(
-                    f"dimensions must be between 1 and {model.dimensions} for model {model.id!r}, "
-                    f"got {request.dimensions}"
-                )
-            prompt_name, prompt = self._prompt(model, request.prompt_name)
-            task, instruction = self._task(model, request.task)
+            check_inputs(request.inputs, self.config.max_client_batch_size)
+            check_dimensions(request, model)
+            prompt_name, prompt = resolve_prompt(model, request.prompt_name)
+            task, instruction = resolve_task(model, request.task)
             prefix = instruction + prompt
             texts = [prefix + text for text in request.inputs] if prefix else request.inputs
             options = EmbedOptions(
@@ -396,18 +380,20 @@ class Engine:
                                    request.priority, request.timeout_s, started)
 
     async def embed_sparse(self, request: SparseEmbedRequest) -> EmbedResult:
-        """Term ids and weights per input, heaviest first (``SparseVector``s in ``vectors``)."""
+        """Term ids and weights per input, heaviest first (``SparseVector``s in ``vectors``), and with
+        ``return_terms`` their tokens (``terms``)."""
         started = time.perf_counter()
         with self.admission():
             handle = self.resolve(request.model, "sparse_embedding")
-            self._check_inputs(request.inputs)
-            if request.top_k is not None and request.top_k < 1:
-                raise ValidationError(f"top_k must be a positive number of terms, got {request.top_k}")
-            if not request.min_weight >= 0:  # also refuses NaN
-                raise ValidationError(f"min_weight must be a non-negative number, got {request.min_weight}")
+            check_inputs(request.inputs, self.config.max_client_batch_size)
+            check_sparse_options(request)
             options = SparseOptions(top_k=request.top_k, min_weight=request.min_weight)
-            return await self._run(handle, request.inputs, options, request.truncate, request.truncate_left,
-                                   request.priority, request.timeout_s, started)
+            result = await self._run(handle, request.inputs, options, request.truncate, request.truncate_left,
+                                     request.priority, request.timeout_s, started)
+            if request.return_terms:
+                vocabulary = handle.spelled_vocabulary
+                result.terms = [[vocabulary[i] for i in vector.ids.tolist()] for vector in result.vectors]
+            return result
 
     async def rerank(self, request: RerankRequest) -> RerankResult:
         """Cross-encoder scores of every document against the query (max over a long document's
@@ -416,130 +402,40 @@ class Engine:
         started = time.perf_counter()
         with self.admission():
             target = self.resolve_reranker(request.model)
-            self._check_rerank_request(request)
-            deadline = self._deadline(request.timeout_s, started)
-            self._check_priority(request.priority)
+            check_rerank_request(request, self.config.max_client_batch_size)
+            until = request_deadline(request.timeout_s, self.config.request_timeout_s, started)
+            check_priority(request.priority)
             lane = request.priority or "search"  # reranking happens at query time
-            if isinstance(target, BiEncoderReranker):
-                scores, truncated, tokens, stages = await self._bi_encoder_scores(target, request, lane, deadline)
-            elif isinstance(target.model.runner, ListwiseReranker):
-                scores, truncated, tokens, stages = await self._listwise_scores(target, request, lane, deadline)
-            else:
-                scores, truncated, tokens, stages = await self._cross_encoder_scores(target, request, lane, deadline)
+            scored = await strategy_for(target)(self, target, request, lane, until)
+        scores = scored.scores
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
         if request.top_n is not None:
             order = order[: request.top_n]
-        tokenization_s, queue_s, inference_s = stages
-        timings = Timings(tokenization_s, queue_s, inference_s, time.perf_counter() - started)
+        timings = Timings(scored.tokenization_s, scored.queue_s, scored.inference_s, time.perf_counter() - started)
         return RerankResult(
             model=target.id,
             ranked=[Ranked(i, scores[i]) for i in order],
-            input_tokens=tokens,
+            input_tokens=scored.tokens,
             input_chars=len(request.query) + sum(len(d) for d in request.documents),
-            truncated=truncated,
+            truncated=scored.truncated,
             lane=lane,
             timings=timings,
         )
 
-    def _check_rerank_request(self, request: RerankRequest) -> None:
-        if not request.query:
-            raise ValidationError("query must not be empty")
-        if not request.documents:
-            raise ValidationError("documents must not be empty")
-        limit = self.config.max_client_batch_size
-        if len(request.documents) > limit:
-            raise PayloadTooLarge(
-                f"{len(request.documents)} documents is more than the maximum of {limit} per request "
-                "(--max-client-batch-size)"
-            )
-        for i, text in enumerate(request.documents):
-            if not text:
-                raise ValidationError(f"document {i} is empty")
-        if request.top_n is not None and request.top_n < 1:
-            raise ValidationError(f"top_n must be a positive number of documents, got {request.top_n}")
+    # ---- what reranking strategies use (server/reranking.py RerankPipeline) ------------------
 
-    async def _cross_encoder_scores(
-        self, handle: ModelHandle, request: RerankRequest, lane: str, deadline: float
-    ) -> tuple[list[float], list[bool], int, tuple[float, float, float]]:
-        model = handle.model
-        started = time.perf_counter()
-        truncate = self.config.auto_truncate if request.truncate is None else request.truncate
-        windows = model.rerank_windows and request.truncate is not False
-        loop = asyncio.get_running_loop()
-        try:
-            pairs = await loop.run_in_executor(
-                self._tokenizer_pool, model.tokenizer.encode_pairs, request.query, request.documents,
-                model.max_query_tokens, windows, model.window_overlap_tokens, MAX_RERANK_WINDOWS, truncate or windows,
-            )
-        except InputTooLong as exc:
-            raise PayloadTooLarge(
-                f"document {exc.index} with the query is {exc.tokens} tokens, more than this model's {exc.limit}; "
-                "send \"truncate\": true" if exc.index >= 0 else str(exc)
-            ) from None
-        tokenized_at = time.perf_counter()
-        tokenized = [p.tokens for p in pairs]
-        results = await self._compute(handle, tokenized, [model.runner.default_options()] * len(pairs), lane, deadline)
-        best = [float("-inf")] * len(request.documents)
-        truncated = [False] * len(request.documents)
-        for pair, result in zip(pairs, results):
-            best[pair.document] = max(best[pair.document], result.value)
-            truncated[pair.document] |= pair.tokens.truncated
-        scores = best if request.raw_scores else [1.0 / (1.0 + math.exp(-x)) for x in best]
-        tokens = sum(len(t) for t in tokenized)
-        stages = (tokenized_at - started, max(r.queue_s for r in results), max(r.inference_s for r in results))
-        self.metrics.observe_inference(model.id, lane, len(results), tokens, *stages)
-        return scores, truncated, tokens, stages
+    @property
+    def auto_truncate(self) -> bool:
+        return self.config.auto_truncate
 
-    async def _listwise_scores(
-        self, handle: ModelHandle, request: RerankRequest, lane: str, deadline: float
-    ) -> tuple[list[float], list[bool], int, tuple[float, float, float]]:
-        """A listwise model (jina-reranker-v3): the documents in blocks, each block one prompt with the
-        query and one work item; the blocks' vectors merged as published (models/listwise.py).
+    def observe(self, model_id: str, lane: str, items: int, tokens: int, stages: tuple[float, float, float]) -> None:
+        self.metrics.observe_inference(model_id, lane, items, tokens, *stages)
 
-        Scores are cosines in [-1, 1], the model's published relevance scores, so ``raw_scores``
-        changes nothing. Query and documents are cut to the model's caps unless the request says
-        ``"truncate": false``, which makes text over a cap a 413.
-        """
-        model = handle.model
-        runner = model.runner
-        started = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        try:
-            layout = await loop.run_in_executor(
-                self._tokenizer_pool, runner.build_blocks, model.tokenizer, request.query, request.documents,
-                model.max_query_tokens, model.max_input_tokens, request.truncate is not False,
-            )
-        except InputTooLong as exc:
-            what = f"document {exc.index}" if exc.index >= 0 else "the query"
-            if exc.limit < model.max_input_tokens:  # over its cap, and the request said "truncate": false
-                raise PayloadTooLarge(
-                    f"{what} is {exc.tokens} tokens, more than this model's {exc.limit}; send \"truncate\": true"
-                ) from None
-            raise PayloadTooLarge(
-                f"{what} does not fit this model's {exc.limit}-token prompt ({exc.tokens} tokens with the prompt)"
-            ) from None
-        tokenized_at = time.perf_counter()
-        tokenized = [block.tokens for block in layout.blocks]
-        results = await self._compute(handle, tokenized, [block.options for block in layout.blocks], lane, deadline)
-        scores = runner.merge_blocks([r.value for r in results])
-        tokens = sum(len(t) for t in tokenized)
-        stages = (tokenized_at - started, max(r.queue_s for r in results), max(r.inference_s for r in results))
-        self.metrics.observe_inference(model.id, lane, len(results), tokens, *stages)
-        return scores, layout.truncated, tokens, stages
-
-    async def _bi_encoder_scores(
-        self, reranker: BiEncoderReranker, request: RerankRequest, lane: str, deadline: float
-    ) -> tuple[list[float], list[bool], int, tuple[float, float, float]]:
-        handle = reranker.embedder
-        truncate = True if request.truncate is None else request.truncate
-        embedded = await self._run(
-            handle, [request.query, *request.documents], EmbedOptions(), truncate, False, lane,
-            deadline - time.perf_counter(), time.perf_counter(),
-        )
-        query, *documents = embedded.vectors
-        scores = [float(np.dot(query, d)) for d in documents]
-        t = embedded.timings
-        return scores, embedded.truncated[1:], embedded.input_tokens, (t.tokenization_s, t.queue_s, t.inference_s)
+    async def embed_for_rerank(
+        self, handle: ModelHandle, texts: list[str], options: EmbedOptions, truncate: bool, lane: str, until: float
+    ) -> EmbedResult:
+        return await self._run(handle, texts, options, truncate, False, lane, until - time.perf_counter(),
+                               time.perf_counter())
 
     def resolve_reranker(self, name: str | None) -> ModelHandle | BiEncoderReranker:
         """A cross-encoder by name or the first one loaded; else the bi-encoder stand-in."""
@@ -558,13 +454,13 @@ class Engine:
         """The pipeline every task shares: tokenize off the loop, pick the lane, queue, wait, account.
         Runs inside ``admission()``; ``options`` is the runner's per-input options for every input."""
         model = handle.model
-        deadline = self._deadline(timeout_s, started)
-        self._check_priority(priority)
+        until = request_deadline(timeout_s, self.config.request_timeout_s, started)
+        check_priority(priority)
         truncate = self.config.auto_truncate if truncate is None else truncate
         tokenized = await self._tokenize(model, texts, truncate, truncate_left)
         tokenized_at = time.perf_counter()
         lane = self._lane(priority, tokenized)
-        results = await self._compute(handle, tokenized, [options] * len(tokenized), lane, deadline)
+        results = await self.compute(handle, tokenized, [options] * len(tokenized), lane, until)
 
         tokens = sum(len(t) for t in tokenized)
         timings = Timings(
@@ -588,13 +484,10 @@ class Engine:
 
     async def tokenize(self, request: TokenizeRequest) -> list[list[Token]]:
         handle = self._any_model(request.model)
-        self._check_inputs(request.inputs)
-        _, prompt = self._prompt(handle.model, request.prompt_name)
+        check_inputs(request.inputs, self.config.max_client_batch_size)
+        _, prompt = resolve_prompt(handle.model, request.prompt_name)
         texts = [prompt + text for text in request.inputs] if prompt else request.inputs
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._tokenizer_pool, handle.model.tokenizer.tokens, texts, request.add_special_tokens
-        )
+        return await self.off_loop(handle.model.tokenizer.tokens, texts, request.add_special_tokens)
 
     def decode(self, request: DecodeRequest) -> list[str]:
         handle = self._any_model(request.model)

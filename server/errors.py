@@ -10,6 +10,8 @@ from __future__ import annotations
 class InferenceError(Exception):
     status = 500
     error_type = "Backend"
+    # Seconds after which a retry may succeed; set by errors that say when (Overloaded).
+    retry_after_s: float | None = None
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -93,3 +95,11 @@ class BackendError(InferenceError):
 
     status = 500
     error_type = "Backend"
+
+
+def retry_after_header(exc: InferenceError) -> str | None:
+    """The ``Retry-After`` value of an error that says when to retry: whole seconds, at least 1
+    (HTTP's header and gRPC's ``retry-after`` metadata); None for other errors."""
+    if exc.retry_after_s is None:
+        return None
+    return str(max(1, round(exc.retry_after_s)))

@@ -1,6 +1,6 @@
 """The gRPC front end: a ``grpc.aio`` server on the HTTP server's event loop and engine.
 
-Serves ``infercore.v1.InferenceService`` (server/grpc_service.py), the standard ``grpc.health.v1``
+Serves ``infercore.v1.InferenceService`` (the gRPC dialect, server/dialects/grpc.py), the standard ``grpc.health.v1``
 health service and server reflection, on ``--host``:``--grpc-port``, with TLS or mutual TLS when
 ``--tls-cert``/``--tls-key`` (and ``--tls-client-ca``) are given.
 
@@ -28,9 +28,9 @@ from grpc_reflection.v1alpha import reflection
 
 from ..proto.v1 import inference_pb2_grpc as pb_grpc
 from .config import ServerConfig
-from .dialects import oip_grpc
+from .dialects import oip
+from .dialects.grpc import SERVICE_NAME, InferenceService
 from .engine import Engine
-from .grpc_service import SERVICE_NAME, InferenceService
 
 log = logging.getLogger("infercore.grpc")
 
@@ -71,12 +71,11 @@ class GrpcServer:
         pb_grpc.add_InferenceServiceServicer_to_server(
             InferenceService(engine, config.grpc_stream_max_in_flight, config.api_key), self.server
         )
-        oip_grpc.pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            oip_grpc.OpenInferenceService(engine, config.api_key), self.server
-        )
+        oip.pb_grpc.add_GRPCInferenceServiceServicer_to_server(oip.OpenInferenceService(engine, config.api_key),
+                                                               self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, oip_grpc.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (SERVICE_NAME, oip.GRPC_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self._watcher: asyncio.Task | None = None
 

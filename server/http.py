@@ -4,7 +4,6 @@ timing headers, per-route metrics, and turning engine errors into each dialect's
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import math
 import time
@@ -15,9 +14,10 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .auth import check_bearer
 from .canonical import EmbedResult
 from .engine import Engine
-from .errors import InferenceError, MalformedRequest, NotReady, PayloadTooLarge, Unauthorized, ValidationError
+from .errors import InferenceError, MalformedRequest, NotReady, PayloadTooLarge, ValidationError, retry_after_header
 
 log = logging.getLogger("infercore.http")
 
@@ -121,19 +121,6 @@ def result_headers(result: EmbedResult) -> dict[str, str]:
     }
 
 
-def bearer_token_matches(header: str, api_key: str) -> bool:
-    """Whether an ``Authorization`` value (HTTP header or gRPC metadata) is ``Bearer <api_key>``."""
-    scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
-
-
-def check_api_key(request: Request, api_key: str | None) -> None:
-    if api_key is None:
-        return
-    if not bearer_token_matches(request.headers.get("authorization", ""), api_key):
-        raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
-
-
 def endpoint(
     engine: Engine,
     route: str,
@@ -149,7 +136,8 @@ def endpoint(
         started = time.perf_counter()
         try:
             if authenticate:
-                check_api_key(request, engine.config.api_key)
+                check_bearer(request.headers.get("authorization"), engine.config.api_key,
+                             "'Authorization: Bearer <key>'")
             response = await handler(request)
         except InferenceError as exc:
             response = error_response(exc, format_error, status_of)
@@ -174,9 +162,9 @@ def error_response(
     exc: InferenceError, format_error: ErrorFormatter, status_of: Callable[[InferenceError], int] | None = None
 ) -> Response:
     headers = {}
-    retry_after = getattr(exc, "retry_after_s", None)
+    retry_after = retry_after_header(exc)
     if retry_after is not None:
-        headers["retry-after"] = str(max(1, round(retry_after)))
+        headers["retry-after"] = retry_after
     if exc.status == 401:
         headers["www-authenticate"] = "Bearer"
     if exc.status >= 500 and not isinstance(exc, NotReady):

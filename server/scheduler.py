@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..models.tokenizer import TokenizedInput
-from .errors import DeadlineExceeded, Overloaded
+from .errors import DeadlineExceeded, NotReady, Overloaded
 
 LANES = ("search", "ingest", "batch")
 # Retry-After bounds, in seconds
@@ -90,11 +90,12 @@ class TokenBudgetScheduler:
     # ---- event loop side -----------------------------------------------------------------------
 
     def submit(self, items: list[WorkItem]) -> None:
-        """Queue all of ``items`` or none: Overloaded if they would exceed ``max_queued_tokens``."""
+        """Queue all of ``items`` or none: Overloaded if they would exceed ``max_queued_tokens``,
+        NotReady (503) once closed (a request admitted just before the shutdown began)."""
         tokens = sum(item.num_tokens for item in items)
         with self._cond:
             if self._closed:
-                raise RuntimeError("scheduler is closed")
+                raise NotReady("the server is shutting down and accepts no new requests")
             queued = self.queued_tokens
             if queued and queued + tokens > self.max_queued_tokens:
                 raise Overloaded(

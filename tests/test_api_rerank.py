@@ -116,6 +116,8 @@ def test_elasticsearch_inference_rerank_shape(server, expected):
         ("/rerank", {"query": QUERY, "texts": DOCUMENTS * 2}, 413, "maximum of 8"),
         ("/rerank", {"query": QUERY, "texts": DOCUMENTS, "top_n": 0}, 422, "top_n"),
         ("/rerank", {"query": QUERY, "texts": DOCUMENTS, "model": "tiny"}, 422, "text_embedding, not rerank"),
+        ("/rerank", {"query": QUERY, "texts": DOCUMENTS, "truncation_direction": "left"}, 422,
+         "truncation_direction must be"),
         ("/v1/rerank", {"query": QUERY, "documents": []}, 422, "documents must not be empty"),
         ("/v1/rerank", {"query": QUERY, "documents": DOCUMENTS, "model": "nope"}, 404, "nope"),
         ("/_inference/rerank/ce", {"input": DOCUMENTS}, 422, "query"),

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from infercore.models.catalog import lookup
-from infercore.server.dialects.native import sparse_terms
+from infercore.server.canonical import EmbedResult, spell_token
 
 SPLADE = "splade-tiny"
 TEXTS = [
@@ -94,7 +94,9 @@ def test_dots_become_double_underscores_in_token_output():
     from infercore.models.sparse import SparseVector
 
     vector = SparseVector(np.array([2, 0, 1], np.int32), np.array([1.5, 0.75, 0.25], np.float32))
-    terms = sparse_terms(vector, ["no.", "port", "e.g.x"])
+    vocabulary = ["no.", "port", "e.g.x"]
+    spelled = [spell_token(vocabulary[i]) for i in vector.ids.tolist()]
+    (terms,) = EmbedResult("m", [vector], 3, 15, [False], terms=[spelled]).term_weights()
     assert terms == {"e__g__x": 1.5, "no__": 0.75, "port": 0.25}
     assert list(terms) == ["e__g__x", "no__", "port"]  # heaviest first, as Elasticsearch sorts
 

@@ -16,12 +16,11 @@ import pytest
 import torch
 
 from infercore.models.checkpoint import CheckpointError
-from infercore.models.loader import resolve_devices
+from infercore.models.devices import DeviceError, resolve_device, resolve_devices, resolve_dtype
 from infercore.server import cli
 from infercore.server import engine as engine_module
 from infercore.server.canonical import EmbedRequest
-from infercore.server.dialects.native import model_info
-from infercore.server.grpc_service import model_info_message
+from infercore.server.dialects.grpc import model_info_message
 from tests.engine_harness import make_engine
 
 CUDA = [torch.device("cuda", 0), torch.device("cuda", 1)]
@@ -89,6 +88,34 @@ def test_without_a_gpu_auto_is_the_cpu_and_cuda_is_refused(no_gpu):
     for spec in ("cuda", "cuda:all", "cuda:0,cuda:1"):
         with pytest.raises(CheckpointError, match="no CUDA device is available"):
             resolve_devices(spec)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "device", "words"),
+    [
+        ("float64", "cpu", ["unknown dtype", "'float64'", "bfloat16"]),
+        ("float16", "cpu", ["float16 is not supported on CPU"]),
+    ],
+)
+def test_a_bad_dtype_is_refused_naming_the_problem(dtype, device, words):
+    with pytest.raises(DeviceError) as refused:
+        resolve_dtype(dtype, torch.device(device), torch.bfloat16)
+    for word in words:
+        assert word in str(refused.value)
+
+
+def test_dtype_auto_is_the_family_dtype_on_cuda_and_float32_on_the_cpu():
+    assert resolve_dtype("auto", torch.device("cuda", 0), torch.bfloat16) == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cpu"), torch.bfloat16) == torch.float32
+
+
+def test_a_single_bad_device_is_a_device_error_that_loaders_report_as_a_checkpoint_error(no_gpu):
+    for device, words in (("gpu0", ["unknown device", "gpu0"]), ("cuda", ["no CUDA device is available"])):
+        with pytest.raises(DeviceError) as refused:
+            resolve_device(device)
+        assert isinstance(refused.value, CheckpointError)
+        for word in words:
+            assert word in str(refused.value)
 
 
 def test_serve_refuses_a_bad_device_list_before_starting(capsys, monkeypatch, two_gpus, tiny_bert_dir):
@@ -166,9 +193,9 @@ def test_each_device_gets_its_own_replica_and_executors(two_replica_engine):
     # make_engine: one main executor per replica, plus each replica's search executor
     assert sorted(e.name for e in handle.executors) == ["cpu/main0", "cpu/search", "cpu:0/main0", "cpu:0/search"]
     assert {e.name: e.model for e in handle.executors}["cpu:0/search"] is second
-    info = model_info(handle)
-    assert info["devices"] == ["cpu", "cpu:0"] and info["device"] == "cpu"
-    assert model_info_message(info, is_default=True).device == "cpu,cpu:0"
+    info = two_replica_engine.info().model("tiny")
+    assert info.devices == ("cpu", "cpu:0") and info.device == "cpu"
+    assert model_info_message(info).device == "cpu,cpu:0"
     budget = handle.scheduler.max_batch_tokens
     assert handle.scheduler.max_queued_tokens == two_replica_engine.config.queued_token_limit("cpu", budget) * 2
 

@@ -12,6 +12,7 @@ import pytest
 from infercore.models.tokenizer import TokenizedInput
 from infercore.server.canonical import EmbedRequest
 from infercore.server.engine import Engine
+from infercore.server.errors import NotReady
 from infercore.server.scheduler import TokenBudgetScheduler, WorkItem
 from tests.engine_harness import RunnerSpy, async_wait_for, make_engine
 
@@ -128,8 +129,10 @@ def test_close_drains_what_is_queued_then_returns_none(loop):
     assert names([scheduler.next_batch()]) == [["1"]]
     assert scheduler.next_batch() is None
     assert scheduler.next_batch() is None
-    with pytest.raises(RuntimeError):
+    # A request admitted just before the shutdown began gets a 503 to retry elsewhere, not a 500.
+    with pytest.raises(NotReady, match="shutting down") as refused:
         scheduler.submit(make_items(loop, [1]))
+    assert refused.value.status == 503
 
 
 def test_next_batch_times_out_empty_and_wakes_on_submit(loop):

@@ -11,8 +11,9 @@ The published adapters of a linear layer start with B = 0; here both factors are
 task visibly changes the output.
 
 jina-clip-v2: the same text tower under ``text_model.transformer.roberta.`` (the prefix is a guess
-from the module nesting, see reference/models_arch.md §5) beside a stand-in vision weight, one
-adapter, and the ``jina_clip`` config whose ``text_config.hf_model_config_kwargs`` carries the sizes.
+from the module nesting of the published ``JinaCLIPModel``, whose text tower wraps the v3 XLM-R)
+beside a stand-in vision weight, one adapter, and the ``jina_clip`` config whose
+``text_config.hf_model_config_kwargs`` carries the sizes.
 
 The vocabulary is MiniLM's WordPiece one (30522 tokens): fine for numerics.
 """

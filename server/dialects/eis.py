@@ -25,8 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ...models.loader import ServedModel
-from ..canonical import EmbedRequest, RerankRequest, SparseEmbedRequest
+from ..canonical import EmbedRequest, RerankRequest, SparseEmbedRequest, as_list
 from ..engine import Engine
 from ..errors import InferenceError, ModelNotFound, ValidationError
 from ..http import (
@@ -38,14 +37,15 @@ from ..http import (
     scheduling_hints,
     until_disconnect,
 )
-from .native import sparse_terms
+from ..info import TASKS
 
-# task → (EIS task type string, Elasticsearch task type)
+# task → EIS task type (the Elasticsearch task type is the task's own name)
 TASK_TYPES = {
     "sparse_embedding": "embed/text/sparse",
     "text_embedding": "embed/text/dense",
     "rerank": "rerank/text/text-similarity",
 }
+assert set(TASK_TYPES) == set(TASKS), "every task needs its EIS task type"
 # Catalog ids whose EIS model name or preconfigured endpoint id differ from the id itself.
 EIS_NAMES: dict[str, tuple[str, str]] = {
     "elser_model_2": ("elser_model_2", ".elser-2-elastic"),
@@ -119,30 +119,9 @@ def lane_of(request: Request, usage_context: str | None) -> str | None:
     return None
 
 
-SEARCH_TASKS = ("retrieval.query",)
-INGEST_TASKS = ("retrieval.passage",)
-SEARCH_PROMPTS = ("query",)
-INGEST_PROMPTS = ("passage", "document")
-
-
-def usage_defaults(model: ServedModel, lane: str | None) -> tuple[str | None, str | None]:
-    """(task, prompt name) that search / ingest traffic gets on models that embed queries and
-    documents differently: jina-embeddings-v3's retrieval.query / retrieval.passage adapters, the
-    query / passage (document) prompts of e5 and jina-embeddings-v5. (None, None) otherwise."""
-    if lane not in ("search", "ingest"):
-        return None, None
-    tasks, prompts = (SEARCH_TASKS, SEARCH_PROMPTS) if lane == "search" else (INGEST_TASKS, INGEST_PROMPTS)
-    task = next((t for t in tasks if t in model.tasks), None)
-    prompt = next((p for p in prompts if p in model.prompts), None)
-    return task, prompt
-
-
 def served(engine: Engine) -> list[tuple[str, str]]:
     """(model id, task) of every model a request may name, cross-encoders and stand-ins included."""
-    engine.require_ready()
-    return [(h.id, h.model.task) for h in engine.models.values()] + [
-        (r.id, "rerank") for r in engine.bi_encoder_rerankers.values()
-    ]
+    return [(m.id, m.task) for m in engine.info().models]
 
 
 def routes(engine: Engine) -> list[Route]:
@@ -161,15 +140,13 @@ def routes(engine: Engine) -> list[Route]:
     async def sparse(request: Request) -> Response:
         body = decode_json(await read_body(request, limit), EmbedBody)
         model_id = resolve(body.model, "sparse_embedding")
-        inputs = [body.input] if isinstance(body.input, str) else body.input
         lane, timeout_s = hints(request, body.usage_context)
-        work = engine.embed_sparse(
-            SparseEmbedRequest(inputs, model=model_id, truncate=True, priority=lane, timeout_s=timeout_s)
-        )
+        work = engine.embed_sparse(SparseEmbedRequest(
+            as_list(body.input), model=model_id, truncate=True, priority=lane, timeout_s=timeout_s, return_terms=True,
+        ))
         result = await until_disconnect(request, work)
-        vocabulary = engine.models[model_id].model.tokenizer.vocabulary
         payload = {
-            "data": [sparse_terms(vector, vocabulary) for vector in result.vectors],
+            "data": result.term_weights(),
             "meta": {"usage": {"total_tokens": result.input_tokens}},
         }
         return json_response(payload, headers=result_headers(result))
@@ -177,12 +154,11 @@ def routes(engine: Engine) -> list[Route]:
     async def dense(request: Request) -> Response:
         body = decode_json(await read_body(request, limit), EmbedBody)
         model_id = resolve(body.model, "text_embedding")
-        inputs = [body.input] if isinstance(body.input, str) else body.input
         lane, timeout_s = hints(request, body.usage_context)
-        task, prompt = usage_defaults(engine.models[model_id].model, lane)
+        task, prompt = engine.info().model(model_id).lane_defaults(lane)
         work = engine.embed(EmbedRequest(
-            inputs, model=model_id, truncate=True, dimensions=body.dimensions, priority=lane, timeout_s=timeout_s,
-            task=task, prompt_name=prompt,
+            as_list(body.input), model=model_id, truncate=True, dimensions=body.dimensions, priority=lane,
+            timeout_s=timeout_s, task=task, prompt_name=prompt,
         ))
         result = await until_disconnect(request, work)
         headers = result_headers(result)
@@ -216,8 +192,9 @@ def routes(engine: Engine) -> list[Route]:
 
     async def authorizations_v2(request: Request) -> Response:
         endpoints = []
-        for model_id, task in served(engine):
-            name, endpoint_id = eis_names(model_id)
+        for model in engine.info().models:
+            name, endpoint_id = eis_names(model.id)
+            task = model.task
             entry: dict = {
                 "id": endpoint_id,
                 "model_name": name,
@@ -226,13 +203,10 @@ def routes(engine: Engine) -> list[Route]:
                 "release_date": RELEASE_DATE,
                 "properties": [],
             }
-            handle = engine.models.get(model_id)
-            if handle is not None and handle.model.end_of_life_date is not None:
-                entry["end_of_life_date"] = handle.model.end_of_life_date.isoformat()
+            if model.end_of_life_date is not None:
+                entry["end_of_life_date"] = model.end_of_life_date.isoformat()
             if task == "text_embedding":
-                model = handle.model
-                similarity = model.catalog.similarity if model.catalog else "cosine"
-                entry["configuration"] = {"similarity": similarity, "dimensions": model.dimensions,
+                entry["configuration"] = {"similarity": model.similarity, "dimensions": model.dimensions,
                                           "element_type": "float", "chunking_settings": SENTENCE_CHUNKING}
             elif task == "sparse_embedding":
                 entry["configuration"] = {"chunking_settings": SENTENCE_CHUNKING}

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..canonical import EmbedRequest, RerankRequest, SparseEmbedRequest
+from ..canonical import EmbedRequest, RerankRequest, SparseEmbedRequest, as_list
 from ..engine import Engine
 from ..errors import (
     InferenceError,
@@ -32,8 +32,7 @@ from ..errors import (
     ValidationError,
 )
 from ..http import decode_json, endpoint, json_response, read_body, result_headers, scheduling_hints, until_disconnect
-from .eis import usage_defaults
-from .native import sparse_terms
+from ..info import TASKS, ModelInfo
 
 # Elasticsearch's InputType values (case-insensitive) → the lane; None keeps the server's default.
 INPUT_TYPE_LANES = {
@@ -56,9 +55,6 @@ class InferenceBody(msgspec.Struct):
     query: str | None = None
     top_n: int | None = None
     return_documents: bool | None = None
-
-
-SERVED_TASK_TYPES = ("sparse_embedding", "text_embedding", "rerank")
 
 
 def format_error(exc: InferenceError) -> dict:
@@ -100,45 +96,42 @@ def lane_of(input_type: str | None, header_priority: str | None) -> str | None:
 def routes(engine: Engine) -> list[Route]:
     limit = engine.config.payload_limit_bytes
 
-    def resolve(task_type: str, inference_id: str) -> str:
-        engine.require_ready()
-        handle = engine.models.get(inference_id)
-        task = "rerank" if inference_id in engine.bi_encoder_rerankers else handle.model.task if handle else None
-        if task is None:
+    def resolve(task_type: str, inference_id: str) -> ModelInfo:
+        model = engine.info().find(inference_id)
+        if model is None:
             raise ModelNotFound(f"Inference endpoint not found [{inference_id}]")
-        if task != task_type:
+        if model.task != task_type:
             raise ValidationError(
-                f"Incompatible task_type, the requested type [{task_type}] does not match the model type [{task}]"
+                f"Incompatible task_type, the requested type [{task_type}] does not match the model type [{model.task}]"
             )
-        return inference_id
+        return model
 
     async def infer(request: Request) -> Response:
         task_type = request.path_params["task_type"]
         inference_id = request.path_params["inference_id"]
-        if task_type not in SERVED_TASK_TYPES:
-            served = ", ".join(SERVED_TASK_TYPES)
-            raise ValidationError(f"task_type [{task_type}] is not served here (served: {served})")
-        model_id = resolve(task_type, inference_id)
+        if task_type not in TASKS:
+            raise ValidationError(f"task_type [{task_type}] is not served here (served: {', '.join(TASKS)})")
+        model = resolve(task_type, inference_id)
+        model_id = model.id
         body = decode_json(await read_body(request, limit), InferenceBody)
         header_priority, header_timeout_s = scheduling_hints(request)
         timeout_s = parse_timeout(request.query_params.get("timeout")) or header_timeout_s
-        inputs = [body.input] if isinstance(body.input, str) else body.input
+        inputs = as_list(body.input)
         lane = lane_of(body.input_type, header_priority)
         if task_type == "rerank":
             return await rerank(request, body, model_id, inputs, lane, timeout_s)
         common = {"model": model_id, "truncate": True, "priority": lane, "timeout_s": timeout_s}
         if task_type == "sparse_embedding":
-            work = engine.embed_sparse(SparseEmbedRequest(inputs, **common))
+            work = engine.embed_sparse(SparseEmbedRequest(inputs, return_terms=True, **common))
         else:
-            task, prompt = usage_defaults(engine.models[model_id].model, lane)
+            task, prompt = model.lane_defaults(lane)
             work = engine.embed(EmbedRequest(inputs, task=task, prompt_name=prompt, **common))
         result = await until_disconnect(request, work)
         if task_type == "sparse_embedding":
-            vocabulary = engine.models[model_id].model.tokenizer.vocabulary
             payload = {
                 "sparse_embedding": [
-                    {"is_truncated": truncated, "embedding": sparse_terms(vector, vocabulary)}
-                    for vector, truncated in zip(result.vectors, result.truncated)
+                    {"is_truncated": truncated, "embedding": terms}
+                    for terms, truncated in zip(result.term_weights(), result.truncated)
                 ]
             }
         else:

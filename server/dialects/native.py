@@ -5,7 +5,7 @@ Errors: ``{"error": "...", "error_type": "..."}``.
 
 ``/embed_sparse`` answers TEI's ``[[{"index", "value"}]]`` (term ids); with ``?format=tokens`` it
 answers ``[{"<token>": weight}]``, the shape Elasticsearch's ``hugging_face`` service parses for
-sparse embeddings, with tokens spelled as Elasticsearch stores them (see ``sparse_terms``).
+sparse embeddings, with tokens spelled as Elasticsearch stores them (``canonical.spell_token``).
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ... import __version__
-from ...kernels import triton_support
-from ...models.sparse import SparseVector
-from ..canonical import DecodeRequest, EmbedRequest, RerankRequest, SparseEmbedRequest, TokenizeRequest
-from ..engine import BiEncoderReranker, Engine, ModelHandle
+from ..canonical import DecodeRequest, EmbedRequest, RerankRequest, SparseEmbedRequest, TokenizeRequest, as_list
+from ..engine import Engine
 from ..errors import InferenceError, NotReady, ValidationError
 from ..http import decode_json, endpoint, json_response, read_body, result_headers, scheduling_hints, until_disconnect
+from ..info import BI_ENCODER, ModelInfo
 
 TruncationDirection = Literal["right", "left", "Right", "Left"]
 
@@ -57,6 +55,8 @@ class RerankBody(msgspec.Struct):
     return_text: bool = False
     raw_scores: bool = False
     truncate: bool | None = None
+    # TEI's field; only "right" is served: a pair over the limit loses the end of its document (or
+    # the document is split into windows), never the query at its start.
     truncation_direction: TruncationDirection = "right"
     model: str | None = None
     priority: str | None = None
@@ -78,18 +78,8 @@ class DecodeBody(msgspec.Struct):
 SPARSE_FORMATS = ("ids", "tokens")
 
 
-def sparse_terms(vector: SparseVector, vocabulary: list[str]) -> dict[str, float]:
-    """{token: weight}, heaviest first, tokens as Elasticsearch stores them: the WordPiece string
-    with every "." written "__" (a dot would be a field path separator in a sparse_vector field)."""
-    return {vocabulary[i].replace(".", "__"): w for i, w in zip(vector.ids.tolist(), vector.weights.tolist())}
-
-
 def format_error(exc: InferenceError) -> dict:
     return {"error": exc.message, "error_type": exc.error_type}
-
-
-def as_list(inputs: str | list[str]) -> list[str]:
-    return [inputs] if isinstance(inputs, str) else inputs
 
 
 def routes(engine: Engine) -> list[Route]:
@@ -132,12 +122,12 @@ def routes(engine: Engine) -> list[Route]:
                 min_weight=body.min_weight,
                 priority=priority,
                 timeout_s=timeout_s,
+                return_terms=output == "tokens",
             )
         )
         result = await until_disconnect(request, work)
         if output == "tokens":
-            vocabulary = engine.models[result.model].model.tokenizer.vocabulary
-            payload = [sparse_terms(v, vocabulary) for v in result.vectors]
+            payload = result.term_weights()
         else:
             payload = [
                 [{"index": i, "value": w} for i, w in zip(v.ids.tolist(), v.weights.tolist())] for v in result.vectors
@@ -146,6 +136,11 @@ def routes(engine: Engine) -> list[Route]:
 
     async def rerank(request: Request) -> Response:
         body = decode_json(await read_body(request, limit), RerankBody)
+        if body.truncation_direction.lower() != "right":
+            raise ValidationError(
+                "truncation_direction must be \"right\" for /rerank: a document over the limit is cut at its end "
+                "or split into windows, never cut at its start"
+            )
         priority, timeout_s = scheduling_hints(request, body.priority)
         work = engine.rerank(
             RerankRequest(
@@ -197,46 +192,40 @@ def routes(engine: Engine) -> list[Route]:
         return json_response({"status": "ok"})
 
     async def info(request: Request) -> Response:
-        engine.require_ready()
-        cfg = engine.config
-        handles = list(engine.models.values())
-        bi_encoders = list(engine.bi_encoder_rerankers.values())
-        first = handles[0].model
+        server = engine.info()
+        limits = server.limits
+        first = server.default
         return json_response(
             {
                 # TEI's fields, describing the default (first) model
                 "model_id": first.id,
                 "model_sha": None,
-                "model_dtype": str(first.dtype).removeprefix("torch."),
+                "model_dtype": first.dtype,
                 "model_type": (
                     {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
-                    if first.task == "rerank" else {"embedding": {"pooling": first.runner.pooling}}
+                    if first.task == "rerank" else {"embedding": {"pooling": first.pooling}}
                 ),
                 "max_input_length": first.max_input_tokens,
-                "max_batch_tokens": handles[0].scheduler.max_batch_tokens,
-                "max_batch_requests": cfg.max_batch_requests,
-                "max_client_batch_size": cfg.max_client_batch_size,
-                "auto_truncate": cfg.auto_truncate,
-                "tokenization_workers": cfg.tokenization_workers,
-                "version": __version__,
+                "max_batch_tokens": first.max_batch_tokens,
+                "max_batch_requests": limits.max_batch_requests,
+                "max_client_batch_size": limits.max_client_batch_size,
+                "auto_truncate": limits.auto_truncate,
+                "tokenization_workers": limits.tokenization_workers,
+                "version": server.version,
                 # Triton kernels the start-up self-check switched off (their torch reference runs)
-                "kernels_switched_off": triton_support.disabled(),
+                "kernels_switched_off": server.kernels_switched_off,
                 # every served model
-                "models": [model_info(h) for h in handles] + [bi_encoder_info(r) for r in bi_encoders],
+                "models": [model_json(m) for m in server.models],
             }
         )
 
     async def list_models(request: Request) -> Response:
-        engine.require_ready()
+        models = [model_json(m) for m in engine.info().models]
         return json_response(
             {
                 "object": "list",
                 "data": [
-                    {"id": info["model_id"], "object": "model", "created": 0, "owned_by": "infercore", **info}
-                    for info in [
-                        *(model_info(h) for h in engine.models.values()),
-                        *(bi_encoder_info(r) for r in engine.bi_encoder_rerankers.values()),
-                    ]
+                    {"id": m["model_id"], "object": "model", "created": 0, "owned_by": "infercore", **m} for m in models
                 ],
             }
         )
@@ -260,46 +249,34 @@ def routes(engine: Engine) -> list[Route]:
     ]
 
 
-def model_info(handle: ModelHandle) -> dict:
-    model = handle.model
-    return {
-        "model_id": model.id,
-        "task": model.task,
-        "family": model.family,
-        "description": model.description,
-        "dimensions": model.dimensions,
-        "matryoshka_dimensions": list(model.matryoshka_dimensions),
-        "max_input_tokens": model.max_input_tokens,
-        "pooling": model.runner.pooling,
-        "prompts": model.prompts,
-        "default_prompt_name": model.default_prompt_name,
-        "tasks": sorted(model.tasks),
-        "default_task": model.default_task,
-        "end_of_life_date": model.end_of_life_date.isoformat() if model.end_of_life_date else None,
-        "max_batch_tokens": handle.scheduler.max_batch_tokens,
-        "dtype": str(model.dtype).removeprefix("torch."),
-        # The first replica's device, and every device the model has a replica on.
-        "device": str(model.device),
-        "devices": handle.devices,
-        **(
-            {"kind": model.runner.kind, "max_query_tokens": model.max_query_tokens,
-             "rerank_windows": model.rerank_windows, "window_overlap_tokens": model.window_overlap_tokens}
-            if model.task == "rerank" else {}
-        ),
+def model_json(info: ModelInfo) -> dict:
+    """A model as /info and /v1/models list it."""
+    common = {
+        "model_id": info.id,
+        "task": info.task,
+        "family": info.family,
+        "description": info.description,
     }
-
-
-def bi_encoder_info(reranker: BiEncoderReranker) -> dict:
-    embedder = reranker.embedder.model
+    placement = {"dtype": info.dtype, "device": info.device, "devices": list(info.devices)}
+    if info.reranker_kind == BI_ENCODER:
+        return {**common, "kind": BI_ENCODER, "embedding_model": info.embedding_model,
+                "max_input_tokens": info.max_input_tokens, **placement}
     return {
-        "model_id": reranker.id,
-        "task": "rerank",
-        "family": embedder.family,
-        "description": reranker.description,
-        "kind": "bi-encoder",
-        "embedding_model": embedder.id,
-        "max_input_tokens": embedder.max_input_tokens,
-        "dtype": str(embedder.dtype).removeprefix("torch."),
-        "device": str(embedder.device),
-        "devices": reranker.embedder.devices,
+        **common,
+        "dimensions": info.dimensions,
+        "matryoshka_dimensions": list(info.matryoshka_dimensions),
+        "max_input_tokens": info.max_input_tokens,
+        "pooling": info.pooling,
+        "prompts": info.prompts,
+        "default_prompt_name": info.default_prompt_name,
+        "tasks": list(info.tasks),
+        "default_task": info.default_task,
+        "end_of_life_date": info.end_of_life_date.isoformat() if info.end_of_life_date else None,
+        "max_batch_tokens": info.max_batch_tokens,
+        **placement,
+        **(
+            {"kind": info.reranker_kind, "max_query_tokens": info.max_query_tokens,
+             "rerank_windows": info.rerank_windows, "window_overlap_tokens": info.window_overlap_tokens}
+            if info.task == "rerank" else {}
+        ),
     }

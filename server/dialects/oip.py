@@ -1,8 +1,9 @@
 """The Open Inference Protocol v2 (KServe's V2 protocol, spoken by Triton Inference Server, KServe and
-Seldon and their clients, e.g. ``tritonclient``), REST side; ``oip_grpc.py`` serves the same calls as
-``inference.GRPCInferenceService``.
+Seldon and their clients, e.g. ``tritonclient``), over REST (``routes``) and gRPC
+(``OpenInferenceService``, ``inference.GRPCInferenceService`` on the gRPC port beside
+``infercore.v1``).
 
-Routes: ``GET /v2/health/live``, ``/v2/health/ready``, ``GET /v2``, ``GET /v2/models/{name}``,
+REST routes: ``GET /v2/health/live``, ``/v2/health/ready``, ``GET /v2``, ``GET /v2/models/{name}``,
 ``/v2/models/{name}/ready``, ``POST /v2/models/{name}/infer`` (each model route also under
 ``/v2/models/{name}/versions/1/...``: every model has the one version ``"1"``).
 
@@ -27,26 +28,44 @@ inputs whose ``parameters.binary_data_size`` is set, in order; a BYTES element i
 little-endian length and its bytes. Outputs are returned the same way when the request asks
 (``binary_data_output`` or an output's ``binary_data``).
 
-Errors: ``{"error": "<message>"}`` with the status every dialect uses for that error.
+Errors: ``{"error": "<message>"}`` with the status every dialect uses for that error; gRPC statuses
+as ``infercore.v1``'s (``grpc_status.grpc_code``).
+
+gRPC: input tensors typed (``contents.bytes_contents``) or raw (``raw_input_contents``), outputs always
+raw (``raw_output_contents``), as Triton answers. Liveness, readiness and metadata need no API key
+(as the REST health routes); ModelInfer does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import struct
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from ... import __version__
+from ...proto.inference import open_inference_v2_pb2 as pb
+from ...proto.inference import open_inference_v2_pb2_grpc as pb_grpc
+from ..auth import check_bearer
 from ..canonical import EmbedRequest, EmbedResult, RerankRequest, RerankResult, SparseEmbedRequest
 from ..engine import Engine
 from ..errors import InferenceError, MalformedRequest, ModelNotFound
+from ..grpc_status import grpc_code, retry_after_metadata
 from ..http import decode_json, endpoint, json_response, read_body, result_headers, until_disconnect
+
+log = logging.getLogger("infercore.oip")
+
+GRPC_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 SERVER_NAME = "infercore"
 MODEL_VERSION = "1"
@@ -102,21 +121,12 @@ def format_error(exc: InferenceError) -> dict:
 
 # ---- what each model looks like as tensors --------------------------------------------------------
 
-def served_tasks(engine: Engine) -> dict[str, tuple[str, int | None]]:
-    """{model id: (task, dimensions)} for every served model, rerankers included."""
-    tasks = {handle.id: (handle.model.task, handle.model.dimensions) for handle in engine.models.values()}
-    tasks.update({reranker.id: ("rerank", None) for reranker in engine.bi_encoder_rerankers.values()})
-    return tasks
-
-
 def model_task(engine: Engine, name: str, version: str | None = None) -> tuple[str, int | None]:
-    engine.require_ready()
+    """(task, dimensions) of a served model; 404 for a model or version not served."""
     if version not in (None, "", MODEL_VERSION):
         raise ModelNotFound(f"model {name!r} has no version {version!r}; its one version is {MODEL_VERSION!r}")
-    tasks = served_tasks(engine)
-    if name not in tasks:
-        raise ModelNotFound(f"model {name!r} is not served here; available models: {sorted(tasks)}")
-    return tasks[name]
+    info = engine.info().model(name)
+    return info.task, info.dimensions
 
 
 def tensor_specs(task: str, dimensions: int | None) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -146,18 +156,14 @@ def server_metadata() -> dict:
     return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
 
 
-def model_ready(engine: Engine, name: str, version: str | None = None) -> bool:
-    """Served, and the engine ready with this model's executors healthy."""
-    if engine.state != "ready":
-        return False
-    try:
-        model_task(engine, name, version)
-    except InferenceError:
-        return False
-    handle = engine.models.get(name)
-    if handle is None:  # a bi-encoder reranker: its embedder's health
-        handle = engine.bi_encoder_rerankers[name].embedder
-    return handle.healthy
+async def model_ready(engine: Engine, name: str, version: str | None = None) -> bool:
+    """Served, and the server ready with every model able to compute (404 for a model not served)."""
+    model_task(engine, name, version)
+    return engine.state == "ready" and await engine.check_health() is None
+
+
+async def server_ready(engine: Engine) -> bool:
+    return engine.state == "ready" and await engine.check_health() is None
 
 
 # ---- inference --------------------------------------------------------------------------------------
@@ -437,7 +443,7 @@ def routes(engine: Engine) -> list[Route]:
         return json_response({"live": True})
 
     async def ready(request: Request) -> Response:
-        is_ready = engine.state == "ready" and await engine.check_health() is None
+        is_ready = await server_ready(engine)
         return json_response({"ready": is_ready}, 200 if is_ready else 503)
 
     async def metadata(request: Request) -> Response:
@@ -449,8 +455,7 @@ def routes(engine: Engine) -> list[Route]:
 
     async def model_is_ready(request: Request) -> Response:
         params = request.path_params
-        model_task(engine, params["name"], params.get("version"))  # 404 for a model not served
-        is_ready = model_ready(engine, params["name"], params.get("version"))
+        is_ready = await model_ready(engine, params["name"], params.get("version"))
         return json_response({"name": params["name"], "ready": is_ready}, 200 if is_ready else 503)
 
     async def model_infer(request: Request) -> Response:
@@ -478,3 +483,118 @@ def routes(engine: Engine) -> list[Route]:
         *route("/v2/models/{name}/ready", model_is_ready, ["GET"], authenticate=False),
         *route("/v2/models/{name}/infer", model_infer, ["POST"]),
     ]
+
+
+# ---- gRPC: inference.GRPCInferenceService ------------------------------------------------------------
+
+def _parameter_value(parameter: pb.InferParameter) -> Any:
+    choice = parameter.WhichOneof("parameter_choice")
+    return None if choice is None else getattr(parameter, choice)
+
+
+def _parameters(parameters) -> dict[str, Any]:
+    return {name: _parameter_value(value) for name, value in parameters.items()}
+
+
+def parse_infer_request(request: pb.ModelInferRequest) -> InferCall:
+    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+        raise MalformedRequest(
+            f"raw_input_contents has {len(request.raw_input_contents)} entries for {len(request.inputs)} inputs"
+        )
+    inputs = []
+    for position, tensor in enumerate(request.inputs):
+        shape = list(tensor.shape)
+        count = element_count(shape, tensor.name)
+        if tensor.datatype != "BYTES":
+            raise MalformedRequest(f"input {tensor.name!r} must be BYTES (UTF-8 text), not {tensor.datatype}")
+        if request.raw_input_contents:
+            data = decode_bytes_elements(request.raw_input_contents[position], count, tensor.name)
+        else:
+            data = list(tensor.contents.bytes_contents)
+        check_element_count(tensor.name, shape, count, len(data))
+        inputs.append(Tensor(tensor.name, tensor.datatype, shape, data, _parameters(tensor.parameters)))
+    requested = [output.name for output in request.outputs] or None
+    return InferCall(request.model_name, inputs, _parameters(request.parameters), requested)
+
+
+def infer_response(model: str, request_id: str, outputs: list[Tensor]) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=model, model_version=MODEL_VERSION, id=request_id)
+    for tensor in outputs:
+        response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        response.raw_output_contents.append(
+            np.ascontiguousarray(tensor.data, dtype=NUMPY_DTYPES[tensor.datatype]).tobytes()
+        )
+    return response
+
+
+class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, engine: Engine, api_key: str | None = None):
+        self.engine = engine
+        self.api_key = api_key
+
+    async def _call(self, method: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[Any]],
+                    authenticate: bool = False) -> Any:
+        """Authenticate (for inference), run ``work``, turn an engine error into the call's status;
+        metrics as infercore.v1's calls (route ``/<service>/<method>``, status code name)."""
+        started = time.perf_counter()
+        route = f"/{GRPC_SERVICE_NAME}/{method}"
+        code = grpc.StatusCode.OK
+        try:
+            if authenticate:
+                header = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+                check_bearer(header, self.api_key, "metadata 'authorization: Bearer <key>'")
+            return await work()
+        except InferenceError as exc:
+            code = grpc_code(exc)
+            await context.abort(code, exc.message, trailing_metadata=retry_after_metadata(exc))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("unexpected error in %s", method)
+            await context.abort(code, "internal server error")
+        finally:
+            self.engine.metrics.requests.labels(route, code.name).inc()
+            self.engine.metrics.request_duration.labels(route).observe(time.perf_counter() - started)
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=await server_ready(self.engine))
+
+    async def ModelReady(self, request, context):
+        async def work():
+            return pb.ModelReadyResponse(ready=await model_ready(self.engine, request.name, request.version))
+
+        return await self._call("ModelReady", context, work)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(**server_metadata())
+
+    async def ModelMetadata(self, request, context):
+        async def work():
+            described = model_metadata(self.engine, request.name, request.version)
+            response = pb.ModelMetadataResponse(name=described["name"], versions=described["versions"],
+                                                platform=described["platform"])
+            for spec in described["inputs"]:
+                response.inputs.add(**spec)
+            for spec in described["outputs"]:
+                response.outputs.add(**spec)
+            return response
+
+        return await self._call("ModelMetadata", context, work)
+
+    async def ModelInfer(self, request, context):
+        async def work():
+            if request.model_version not in ("", MODEL_VERSION):
+                model_task(self.engine, request.model_name, request.model_version)  # raises NOT_FOUND
+            call = parse_infer_request(request)
+            remaining_s = context.time_remaining()
+            if remaining_s is not None and "timeout" not in call.parameters:  # the client's deadline
+                call.parameters["timeout"] = max(1, int(remaining_s * 1e6))
+            model, outputs, _ = await infer(self.engine, call)
+            return infer_response(model, request.id, outputs)
+
+        return await self._call("ModelInfer", context, work, authenticate=True)

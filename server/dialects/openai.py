@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..canonical import EmbedRequest
+from ..canonical import EmbedRequest, as_list
 from ..engine import Engine
 from ..errors import InferenceError, ModelNotFound, Overloaded, PayloadTooLarge, Unauthorized
 from ..http import decode_json, endpoint, json_response, read_body, result_headers, scheduling_hints, until_disconnect
@@ -61,7 +61,7 @@ def routes(engine: Engine) -> list[Route]:
         priority, timeout_s = scheduling_hints(request)
         work = engine.embed(
             EmbedRequest(
-                inputs=[body.input] if isinstance(body.input, str) else body.input,
+                inputs=as_list(body.input),
                 model=body.model,
                 dimensions=body.dimensions,
                 priority=priority,

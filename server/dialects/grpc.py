@@ -1,8 +1,10 @@
 """The gRPC dialect: ``infercore.v1.InferenceService`` messages ↔ canonical requests and results.
 
-Like the HTTP dialects it only translates: it builds canonical requests, calls the engine and
+The server that carries it (port, TLS, health, reflection) is server/grpc_server.py. Like the HTTP
+dialects it only translates, with the same API key check (server/auth.py) and Retry-After
+(errors.retry_after_header): it builds canonical requests, calls the engine and
 formats its results (dense vectors as packed little-endian bytes). Engine errors become gRPC statuses
-(unary) or ``RequestError`` slots (streams) through ``GRPC_CODES``. Streams answer in request order
+(unary) or ``RequestError`` slots (streams) through ``grpc_status.grpc_code``. Streams answer in request order
 with at most ``max_in_flight`` requests in progress each; closing a stream cancels what it still
 has queued (the engine then drops those inputs, counted as ``cancelled``).
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import math
 import time
@@ -21,78 +22,31 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from .. import __version__
-from ..proto.v1 import inference_pb2 as pb
-from ..proto.v1 import inference_pb2_grpc as pb_grpc
-from .canonical import DecodeRequest, EmbedRequest, RerankRequest, SparseEmbedRequest, Timings, TokenizeRequest
-from .dialects.native import bi_encoder_info, model_info
-from .engine import Engine
-from .errors import (
-    BackendError,
+from ...proto.v1 import inference_pb2 as pb
+from ...proto.v1 import inference_pb2_grpc as pb_grpc
+from ..auth import check_bearer
+from ..canonical import DecodeRequest, EmbedRequest, RerankRequest, SparseEmbedRequest, Timings, TokenizeRequest
+from ..engine import Engine
+from ..errors import (
     DeadlineExceeded,
     InferenceError,
-    MalformedRequest,
-    MethodNotAllowed,
-    ModelNotFound,
-    ModelRetired,
-    NotReady,
-    Overloaded,
-    PayloadTooLarge,
-    RouteNotFound,
-    Unauthorized,
     ValidationError,
 )
+from ..grpc_status import grpc_code, retry_after_metadata
+from ..info import TASKS, ModelInfo
 
 log = logging.getLogger("infercore.grpc")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
-# Engine error → gRPC status. Too many inputs, or an input over the token limit without truncation,
-# is INVALID_ARGUMENT, not RESOURCE_EXHAUSTED: retrying the same request can never succeed, and
-# gateways retry RESOURCE_EXHAUSTED. (A message over the receive limit is refused by gRPC itself,
-# with RESOURCE_EXHAUSTED, before it reaches this code.)
-GRPC_CODES: dict[type[InferenceError], grpc.StatusCode] = {
-    ValidationError: grpc.StatusCode.INVALID_ARGUMENT,
-    MalformedRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    PayloadTooLarge: grpc.StatusCode.INVALID_ARGUMENT,
-    ModelNotFound: grpc.StatusCode.NOT_FOUND,
-    ModelRetired: grpc.StatusCode.FAILED_PRECONDITION,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    NotReady: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Unauthorized: grpc.StatusCode.UNAUTHENTICATED,
-    RouteNotFound: grpc.StatusCode.UNIMPLEMENTED,
-    MethodNotAllowed: grpc.StatusCode.UNIMPLEMENTED,
-    BackendError: grpc.StatusCode.INTERNAL,
-}
-
 LANES = {pb.LANE_UNSPECIFIED: None, pb.LANE_SEARCH: "search", pb.LANE_INGEST: "ingest", pb.LANE_BATCH: "batch"}
 LANE_ENUMS = {name: value for value, name in LANES.items() if name is not None}
-TASKS = {
-    "text_embedding": pb.MODEL_TASK_TEXT_EMBEDDING,
-    "sparse_embedding": pb.MODEL_TASK_SPARSE_EMBEDDING,
-    "rerank": pb.MODEL_TASK_RERANK,
-}
+# task → ModelTask: MODEL_TASK_<TASK> for each of info.TASKS (a task missing from the proto fails here)
+TASK_ENUMS = {task: pb.ModelTask.Value(f"MODEL_TASK_{task.upper()}") for task in TASKS}
 NS_PER_S = 1_000_000_000
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
-
-
-def grpc_code(exc: InferenceError) -> grpc.StatusCode:
-    for cls in type(exc).__mro__:
-        if cls in GRPC_CODES:
-            return GRPC_CODES[cls]
-    return grpc.StatusCode.INTERNAL
-
-
-def retry_after_metadata(exc: InferenceError) -> tuple[tuple[str, str], ...]:
-    """Trailing metadata of an overload: ``retry-after`` (seconds, as HTTP's header) and
-    ``grpc-retry-pushback-ms``, which gRPC clients with a retry policy wait for."""
-    retry_after = getattr(exc, "retry_after_s", None)
-    if retry_after is None:
-        return ()
-    return (("retry-after", str(max(1, round(retry_after)))), ("grpc-retry-pushback-ms", str(int(retry_after * 1e3))))
 
 
 # ---- encoding -------------------------------------------------------------------------------
@@ -133,32 +87,35 @@ def metadata(result: Any) -> pb.ResponseMetadata:
     )
 
 
-def model_info_message(info: dict, is_default: bool) -> pb.ModelInfo:
-    """A ``ModelInfo`` from the native dialect's model description (one source of truth)."""
+def model_info_message(info: ModelInfo) -> pb.ModelInfo:
+    """The proto's ``ModelInfo`` of a served model (unset numbers and strings: 0 and "")."""
     message = pb.ModelInfo(
-        id=info["model_id"],
-        task=TASKS.get(info["task"], pb.MODEL_TASK_UNSPECIFIED),
-        is_default=is_default,
-        family=info.get("family") or "",
-        description=info.get("description") or "",
-        dimensions=0 if info["task"] == "rerank" else info.get("dimensions") or 0,
-        matryoshka_dimensions=info.get("matryoshka_dimensions") or [],
-        max_input_tokens=info.get("max_input_tokens") or 0,
-        pooling=info.get("pooling") or "",
-        prompts=info.get("prompts") or {},
-        tasks=info.get("tasks") or [],
-        max_batch_tokens=info.get("max_batch_tokens") or 0,
-        dtype=info.get("dtype") or "",
+        id=info.id,
+        task=TASK_ENUMS[info.task],
+        is_default=info.is_default,
+        family=info.family,
+        description=info.description,
+        dimensions=0 if info.task == "rerank" else info.dimensions or 0,
+        matryoshka_dimensions=info.matryoshka_dimensions,
+        max_input_tokens=info.max_input_tokens,
+        pooling=info.pooling or "",
+        prompts=info.prompts,
+        tasks=info.tasks,
+        max_batch_tokens=info.max_batch_tokens or 0,
+        dtype=info.dtype,
         # Every device the model runs on, in --device's list form (one device: just its name).
-        device=",".join(info.get("devices") or []) or info.get("device") or "",
-        reranker_kind=info.get("kind") or "",
-        embedding_model=info.get("embedding_model") or "",
-        max_query_tokens=info.get("max_query_tokens") or 0,
-        rerank_windows=bool(info.get("rerank_windows")),
+        device=",".join(info.devices) or info.device,
+        reranker_kind=info.reranker_kind or "",
+        embedding_model=info.embedding_model or "",
+        max_query_tokens=info.max_query_tokens or 0,
+        rerank_windows=info.rerank_windows,
     )
-    for name in ("default_prompt_name", "default_task", "end_of_life_date"):
-        if info.get(name) is not None:
-            setattr(message, name, info[name])
+    if info.default_prompt_name is not None:
+        message.default_prompt_name = info.default_prompt_name
+    if info.default_task is not None:
+        message.default_task = info.default_task
+    if info.end_of_life_date is not None:
+        message.end_of_life_date = info.end_of_life_date.isoformat()
     return message
 
 
@@ -178,15 +135,10 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
     def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
         """``authorization: Bearer KEY`` in the call's metadata when the server has an API key
         (compared in constant time)."""
-        api_key = self.api_key
-        if api_key is None:
+        if self.api_key is None:
             return
-        header = next((value for key, value in context.invocation_metadata() or () if key == "authorization"), "")
-        if isinstance(header, bytes):
-            header = header.decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise Unauthorized("missing or invalid API key: send metadata 'authorization: Bearer <key>'")
+        header = next((value for key, value in context.invocation_metadata() or () if key == "authorization"), None)
+        check_bearer(header, self.api_key, "metadata 'authorization: Bearer <key>'")
 
     @staticmethod
     def _timeout_s(context: grpc.aio.ServicerContext, timeout_ms: int = 0) -> float | None:
@@ -256,7 +208,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             try:
                 return wrap(response=await answer(request, context))
             except InferenceError as exc:
-                retry_after = getattr(exc, "retry_after_s", None)
+                retry_after = exc.retry_after_s
                 return wrap(error=pb.RequestError(
                     code=grpc_code(exc).value[0], message=exc.message,
                     retry_after_ms=round(retry_after * 1e3) if retry_after else 0,
@@ -353,14 +305,13 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             min_weight=request.min_weight,
             priority=self._lane(request.lane),
             timeout_s=self._timeout_s(context, request.timeout_ms),
+            return_terms=request.return_tokens,
         ))
-        vocabulary = self.engine.models[result.model].model.tokenizer.vocabulary if request.return_tokens else None
-        embeddings = []
-        for vector in result.vectors:
-            ids = vector.ids.tolist()
-            # Spelled as the HTTP dialects' sparse_terms spell them for Elasticsearch.
-            tokens = [vocabulary[i].replace(".", "__") for i in ids] if vocabulary is not None else []
-            embeddings.append(pb.SparseVector(ids=ids, weights=vector.weights.tolist(), tokens=tokens))
+        terms = result.terms or [[] for _ in result.vectors]
+        embeddings = [
+            pb.SparseVector(ids=vector.ids.tolist(), weights=vector.weights.tolist(), tokens=tokens)
+            for vector, tokens in zip(result.vectors, terms)
+        ]
         return pb.EmbedSparseResponse(
             model=result.model, embeddings=embeddings, truncated=result.truncated, metadata=metadata(result)
         )
@@ -405,7 +356,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 self._optional(request, "prompt_name"),
             ))
             return pb.TokenizeResponse(
-                model=model or next(iter(self.engine.models)),
+                model=model or self.engine.info().default.id,
                 inputs=[pb.TokenizedInput(tokens=[
                     pb.Token(id=t.id, text=t.text, special=t.special, start=t.start, stop=t.stop) for t in row
                 ]) for row in rows],
@@ -425,31 +376,22 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         return await self._unary("Decode", context, work)
 
     def _model_infos(self, task: int = pb.MODEL_TASK_UNSPECIFIED) -> list[pb.ModelInfo]:
-        engine = self.engine
-        engine.require_ready()
-        infos = [model_info(h) for h in engine.models.values()]
-        infos += [bi_encoder_info(r) for r in engine.bi_encoder_rerankers.values()]
-        # The model a request naming none gets: the first of its task, a cross-encoder before the
-        # bi-encoder stand-in (the order above).
-        seen: set[str] = set()
-        messages = []
-        for info in infos:
-            messages.append(model_info_message(info, is_default=info["task"] not in seen))
-            seen.add(info["task"])
+        messages = [model_info_message(info) for info in self.engine.info().models]
         return [m for m in messages if task in (pb.MODEL_TASK_UNSPECIFIED, m.task)]
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         async def work() -> pb.InfoResponse:
-            config = self.engine.config
+            server = self.engine.info()
+            limits = server.limits
             return pb.InfoResponse(
-                version=__version__,
+                version=server.version,
                 limits=pb.ServerLimits(
-                    max_client_batch_size=config.max_client_batch_size,
-                    max_concurrent_requests=config.max_concurrent_requests,
+                    max_client_batch_size=limits.max_client_batch_size,
+                    max_concurrent_requests=limits.max_concurrent_requests,
                     max_stream_in_flight=self.max_in_flight,
-                    max_receive_message_bytes=config.payload_limit_bytes,
-                    auto_truncate=config.auto_truncate,
-                    default_timeout_ms=round(config.request_timeout_s * 1e3),
+                    max_receive_message_bytes=limits.payload_limit_bytes,
+                    auto_truncate=limits.auto_truncate,
+                    default_timeout_ms=round(limits.request_timeout_s * 1e3),
                 ),
                 models=self._model_infos(),
             )

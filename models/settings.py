@@ -1,0 +1,134 @@
+"""Per-model settings: one typed object and one precedence.
+
+Every setting of a served model is a field of ``ModelSettings``. A value comes from the first
+source that declares it:
+
+1. the model directory's ``infercore.json`` (every key optional; a key that is not a field here, or
+   ``catalog_id``, is refused by name);
+2. what the directory's sentence-transformers files say (pooling and ``include_prompt`` from the
+   Pooling module, ``max_seq_length``, prompts and the default prompt);
+3. the catalog entry of the model id (``CatalogEntry`` is a ``ModelSettings`` plus catalog facts);
+4. the field's default here.
+
+A setting that ``follows`` another (the default prompt follows the prompts) is only taken from the
+source its leader came from or a higher one: a catalog default prompt never names a prompt of a
+directory's own prompt set. Adding a per-model setting is one field here (plus its test); the loader
+reads it from ``ServedModel.settings``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from ..kernels.segment_pool import POOLING_MODES
+from .checkpoint import CheckpointError
+
+SETTINGS_FILE = "infercore.json"
+# The one infercore.json key that is not a setting: the catalog entry to take settings from.
+CATALOG_ID_KEY = "catalog_id"
+
+
+def _date(value: Any) -> dt.date:
+    try:
+        return dt.date.fromisoformat(str(value))
+    except ValueError:
+        raise ValueError(f"end_of_life_date {value!r} is not a date (YYYY-MM-DD)") from None
+
+
+def model_setting(
+    default: Any = MISSING,
+    *,
+    default_factory: Any = MISSING,
+    in_file: bool = True,
+    parse: Callable[[Any], Any] | None = None,
+    follows: str | None = None,
+) -> Any:
+    """A ``ModelSettings`` field. ``in_file``: settable in infercore.json; ``parse``: turns the JSON
+    value into the field's type (ValueError naming the problem); ``follows``: see the module doc."""
+    metadata = {"in_file": in_file, "parse": parse, "follows": follows}
+    return field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSettings:
+    """What a served model is configured to do. None means "derived at load" where the comment says so."""
+
+    task: str | None = None  # None: inferred from the checkpoint (loader.infer_task)
+    pooling: str | None = None  # None: mean
+    # None: tokenizer_config.json's model_max_length, else the position limit (never above it)
+    max_input_tokens: int | None = None
+    prompts: dict[str, str] = model_setting(default_factory=dict, parse=dict)
+    default_prompt_name: str | None = model_setting(None, follows="prompts")
+    # False: pooling skips the prompt's tokens (sentence-transformers include_prompt)
+    include_prompt: bool = model_setting(True, parse=bool)
+    matryoshka_dimensions: tuple[int, ...] = model_setting((), parse=tuple)
+    # rerank: the query's token cap (None: half the input limit), sliding windows over long
+    # documents and their overlap in tokens
+    max_query_tokens: int | None = None
+    rerank_windows: bool = model_setting(False, parse=bool)
+    window_overlap_tokens: int = model_setting(80, parse=int)
+    # listwise rerank: documents per prompt block and each document's token cap (None: the model's)
+    rerank_block_documents: int | None = None
+    max_document_tokens: int | None = None
+    # multi-task models: task → instruction prefix, and the task of requests that name none
+    tasks: dict[str, str] = model_setting(default_factory=dict, parse=dict)
+    default_task: str | None = None
+    # requests to the model are refused (410) after this date
+    end_of_life_date: dt.date | None = model_setting(None, parse=_date)
+    # catalog only
+    description: str = model_setting("", in_file=False)
+    similarity: str = model_setting("cosine", in_file=False)  # of the vectors, for Elasticsearch's index
+
+
+FILE_KEYS = frozenset(f.name for f in fields(ModelSettings) if f.metadata.get("in_file", True)) | {CATALOG_ID_KEY}
+
+
+def parse_settings_file(raw: Any, where: str) -> dict[str, Any]:
+    """infercore.json's object → {field: typed value}; CheckpointError naming ``where`` and the key."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where} is not a JSON object")
+    unknown = set(raw) - FILE_KEYS
+    if unknown:
+        raise CheckpointError(f"{where} has unknown keys {sorted(unknown)} (known: {sorted(FILE_KEYS)})")
+    values = {}
+    for f in fields(ModelSettings):
+        if f.name not in raw:
+            continue
+        parse = f.metadata.get("parse")
+        try:
+            values[f.name] = parse(raw[f.name]) if parse and raw[f.name] is not None else raw[f.name]
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
+    if "pooling" in values and values["pooling"] not in POOLING_MODES:
+        raise CheckpointError(f"{where}: pooling {values['pooling']!r} is not one of {', '.join(POOLING_MODES)}")
+    return values
+
+
+def resolve_settings(
+    file: Mapping[str, Any], sentence_transformers: Mapping[str, Any], catalog: ModelSettings | None = None
+) -> ModelSettings:
+    """The settings in force: per field the first of ``file`` (parsed infercore.json),
+    ``sentence_transformers`` (what the directory's files declare), ``catalog``, the default.
+    CheckpointError if the default prompt is not one of the prompts."""
+    sources: list[Mapping[str, Any]] = [file, sentence_transformers]
+    if catalog is not None:
+        sources.append({f.name: getattr(catalog, f.name) for f in fields(ModelSettings)})
+    values: dict[str, Any] = {}
+    came_from: dict[str, int] = {}
+    for f in fields(ModelSettings):
+        leader = f.metadata.get("follows")
+        usable = sources[: came_from[leader] + 1] if leader in came_from else sources
+        for rank, source in enumerate(usable):
+            if f.name in source:
+                values[f.name] = source[f.name]
+                came_from[f.name] = rank
+                break
+    settings = ModelSettings(**values)
+    if settings.default_prompt_name is not None and settings.default_prompt_name not in settings.prompts:
+        raise CheckpointError(
+            f"default prompt {settings.default_prompt_name!r} is not one of the prompts {sorted(settings.prompts)}"
+        )
+    return settings
