@@ -20,7 +20,9 @@ from .catalog import CatalogEntry, lookup, recognise
 from .checkpoint import CheckpointError, open_weights
 from .eland import materialize_eland
 from .embedding import DenseLayer, EmbeddingModel
+from .eva_vision import ImageEmbeddingModel, load_image_side
 from .families import Family, family_for_config
+from .images import ImagePreprocessor
 from .layers import WeightReader
 from .listwise import BLOCK_DOCUMENTS, MAX_DOCUMENT_TOKENS, ListwiseReranker, has_listwise_head
 from .model_dir import ModelDirSpec, read_model_dir
@@ -68,6 +70,10 @@ class ServedModel:
     max_query_tokens: int = 0
     rerank_windows: bool = False
     window_overlap_tokens: int = 80
+    # Image input (jina-clip-v2): the vision tower with the text head's output options, and the
+    # processor that turns image bytes into its pixels. None: a text-only model.
+    images: ImageEmbeddingModel | None = None
+    image_processor: ImagePreprocessor | None = None
 
     @functools.cached_property
     def _prompt_lengths(self) -> dict[str, int]:
@@ -90,6 +96,10 @@ class ServedModel:
             self.check_kernels()
         ids = self.tokenizer.encode_batch(["warm up"], truncate=True)[0].ids
         self.run_ids([ids, [ids[0]] * self.max_input_tokens])
+        if self.images is not None:
+            size = self.images.tower.image_size
+            self.images.embed_images(torch.zeros(1, 3, size, size, device=self.device),
+                                     [self.runner.default_options()])
 
     def run_ids(self, ids: list[list[int]]) -> list:
         """Token id lists through the model with default options, on the calling thread (warm-up
@@ -282,6 +292,7 @@ def load_model(
     reader = WeightReader(open_weights(spec.path), torch_device, torch_dtype, model_dir=spec.path)
     encoder = family.encoder.from_checkpoint(spec.config, reader)
     runner = build_runner(task, spec, entry, family, encoder, reader, torch_device)
+    image_side = load_image_side(spec.config, reader, spec.path)
     unused = [
         k for k in reader.unused()
         if not k.removeprefix(encoder.weight_prefix).startswith(_IGNORED_PREFIXES) and not k.endswith(_IGNORED_SUFFIXES)
@@ -346,4 +357,6 @@ def load_model(
         default_task=default_task,
         end_of_life_date=end_of_life,
         window_overlap_tokens=int(overlap),
+        images=image_side[0] if image_side else None,
+        image_processor=image_side[1] if image_side else None,
     )
