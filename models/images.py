@@ -41,7 +41,6 @@ import io
 import json
 import re
 import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,10 +236,10 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     """Pillow's lazy open (header only) of a supported format, with the size checks done before any
     pixel is decoded."""
     try:
-        with warnings.catch_warnings():
-            # Pillow warns (and past twice its limit raises) on huge images; the checks below decide.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+        # Pillow's own bomb check (a warning above Image.MAX_IMAGE_PIXELS, an error above twice that)
+        # runs here; the checks below are stricter and decide. (No warnings.catch_warnings around it:
+        # that is not thread-safe, and this runs on executor threads.)
+        image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except Image.DecompressionBombError:
         raise ImageInputError(f"image has more than {limits.max_pixels} pixels (decompression bomb limit)") from None
     except UnidentifiedImageError:
@@ -253,14 +252,18 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # header that a plugin recognised but rejects
         raise ImageInputError(f"image header is invalid ({_plain(exc)})") from None
     width, height = image.size
+    problem = None
     if width <= 0 or height <= 0:
-        raise ImageInputError(f"image is {width}×{height} pixels: it has no pixels")
-    if width * height > limits.max_pixels:
-        raise ImageInputError(f"image is {width}×{height} pixels, more than the limit of {limits.max_pixels} "
-                              "pixels (decompression bomb limit)")
-    if max(width, height) / min(width, height) > limits.max_aspect_ratio:
-        raise ImageInputError(f"image is {width}×{height} pixels: an aspect ratio above "
-                              f"{limits.max_aspect_ratio:g}:1 is not supported")
+        problem = f"image is {width}×{height} pixels: it has no pixels"
+    elif width * height > limits.max_pixels:
+        problem = (f"image is {width}×{height} pixels, more than the limit of {limits.max_pixels} pixels "
+                   "(decompression bomb limit)")
+    elif max(width, height) / min(width, height) > limits.max_aspect_ratio:
+        problem = (f"image is {width}×{height} pixels: an aspect ratio above {limits.max_aspect_ratio:g}:1 "
+                   "is not supported")
+    if problem:
+        image.close()
+        raise ImageInputError(problem)
     return image
 
 
