@@ -36,6 +36,7 @@ tables are buffers the published model does not save. Beside them the checkpoint
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,8 @@ from .checkpoint import CheckpointError
 from .embedding import EmbedOptions
 from .images import ImageLimits, ImagePreprocessor
 from .layers import WeightReader, assign, load_layer_norm, load_linear
+
+log = logging.getLogger("infercore.models")
 
 VISION_PREFIX = "vision_model."
 LAYER_NORM_EPS = 1e-6
@@ -340,8 +343,13 @@ class ImageEmbeddingModel:
 def load_image_side(config: dict[str, Any], reader: WeightReader, model_dir: Path,
                     limits: ImageLimits | None = None) -> tuple[ImageEmbeddingModel, ImagePreprocessor] | None:
     """For a jina-clip checkpoint: the vision tower (from ``reader``, so its weights count as used)
-    and the image processor of ``model_dir``; None for a model without image input."""
+    and the image processor of ``model_dir``; None for a model without image input, including a
+    jina-clip checkpoint saved without any vision weights (its text tower alone; logged)."""
     if config.get("model_type") != "jina_clip":
+        return None
+    if not any(name.startswith(VISION_PREFIX) for name in reader.keys()):
+        log.warning("%s: jina-clip checkpoint without vision weights (no %s*): text input only", model_dir,
+                    VISION_PREFIX)
         return None
     tower = EvaVisionTower.from_checkpoint(config, reader)
     processor = ImagePreprocessor.for_model_dir(model_dir, tower.image_size, tower.config.patch_size, limits)

@@ -138,6 +138,18 @@ def test_a_text_only_model_has_no_image_side(tmp_path):
     assert model.images is None and model.image_processor is None
 
 
+def test_a_jina_clip_checkpoint_without_vision_weights_serves_text_only(clip_dir, tmp_path, caplog):
+    def drop_vision(weights):
+        for name in [n for n in weights if n.startswith("vision_model.") or n == "logit_scale"]:
+            del weights[name]
+
+    path = _rewrite(clip_dir, tmp_path / "text-only", change_weights=drop_vision)
+    with caplog.at_level(logging.WARNING, logger="infercore.models"):
+        model = load_model("text-only", path, device="cpu")
+    assert model.images is None and model.dimensions == 32
+    assert any("without vision weights" in r.getMessage() for r in caplog.records)
+
+
 def _rewrite(clip_dir: Path, out: Path, change_weights=None, change_vision=None) -> Path:
     shutil.copytree(clip_dir, out)
     if change_weights:
