@@ -132,6 +132,20 @@ def _png(width: int, height: int, idat: bytes = b"", mode_bytes: tuple[int, int]
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+def _gif(width: int, height: int) -> bytes:
+    """A GIF whose logical screen is width × height, holding one 1 × 1 frame."""
+    return (b"GIF89a" + struct.pack("<HHBBB", width, height, 0, 0, 0) + b"," + struct.pack("<HHHHB", 0, 0, 1, 1, 0)
+            + b"\x02\x02\x44\x01\x00;")
+
+
+def _jpeg_declaring(width: int, height: int) -> bytes:
+    """The test set's JPEG with its frame header (SOF0) changed to say width × height."""
+    data = bytearray((IMAGES / "jpeg_rgb.jpg").read_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
 def _encoded(image: Image.Image, fmt: str) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt)
@@ -146,6 +160,9 @@ def _encoded(image: Image.Image, fmt: str) -> bytes:
         ((IMAGES / "png_rgb.png").read_bytes()[:400], r"truncated or corrupt"),
         ((IMAGES / "jpeg_rgb.jpg").read_bytes()[:2000], r"truncated or corrupt"),
         (_png(60_000, 60_000, zlib.compress(b"\x00" * 1000)), r"decompression bomb"),
+        (_png(8_000, 8_000, zlib.compress(b"\x00" * 1000)), r"8000×8000 pixels, more than .*decompression bomb"),
+        (_gif(65_535, 65_535), r"decompression bomb"),
+        (_jpeg_declaring(60_000, 60_000), r"decompression bomb"),
         (_png(0, 0), r"has no pixels"),
         (_png(0, 5), r"has no pixels"),
         (_encoded(Image.new("L", (100_000, 1)), "PNG"), r"100000×1 .*aspect ratio"),
@@ -153,7 +170,8 @@ def _encoded(image: Image.Image, fmt: str) -> bytes:
         (_encoded(Image.new("RGB", (8, 8)), "TIFF"), r"format TIFF is not supported"),
         (b"<svg xmlns='http://www.w3.org/2000/svg'/>", r"format SVG is not supported"),
     ],
-    ids=["text", "empty", "truncated-png", "truncated-jpeg", "bomb", "0x0", "0x5", "100000x1", "bmp", "tiff", "svg"],
+    ids=["text", "empty", "truncated-png", "truncated-jpeg", "bomb", "bomb-64mp", "bomb-gif", "bomb-jpeg", "0x0",
+         "0x5", "100000x1", "bmp", "tiff", "svg"],
 )
 def test_bad_image_bytes_are_refused_with_a_plain_reason(processor, data, message):
     with pytest.raises(ImageInputError, match=message):
