@@ -76,6 +76,22 @@ bench-attention: setup-test
 bench-rerank: setup-test
 	$(PY) benchmarks/bench_rerank.py $(BENCH_RERANK_ARGS)
 
+.PHONY: bench-images clip-golden
+# Image embedding (jina-clip-v2 vision side): decode and tower timed apart, tiny and real-size EVA02-L/14.
+# Shorter: make bench-images BENCH_IMAGES_ARGS=--skip-real
+bench-images: setup-test
+	$(PY) benchmarks/bench_images.py $(BENCH_IMAGES_ARGS)
+
+# Regenerates tests/golden/clip_vision_golden.npz with timm's Eva and torchvision in their own venv
+# (.cache/clip-ref: torchvision does not import beside the suite's CPU torch).
+CLIP_REF = .cache/clip-ref
+clip-golden: setup-test
+	test -x $(CLIP_REF)/bin/python || python3 -m venv $(CLIP_REF)
+	$(CLIP_REF)/bin/python -m pip install --disable-pip-version-check -q torch==2.14.1 torchvision==0.29.1 timm==1.0.31
+	rm -rf .cache/tiny-jina-clip-v2
+	$(PY) -m tests.tiny_clip .cache/tiny-jina-clip-v2
+	$(CLIP_REF)/bin/python tests/golden/make_clip_golden.py .cache/tiny-jina-clip-v2
+
 .PHONY: bench-sparse
 # Sparse expansion: fused splade_pool vs naive [T, V] / padded [B, S, V] logits, peak memory and tokens/s.
 # Shorter: make bench-sparse BENCH_SPARSE_ARGS=--quick

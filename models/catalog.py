@@ -221,7 +221,8 @@ register(
         task="text_embedding",
         family="jina-xlm-roberta",
         description="jinaai/jina-clip-v2, text tower: the jina-embeddings-v3 backbone with one LoRA adapter "
-        "(retrieval.query, always applied), mean pooling, 1024-d (Matryoshka), 8192 tokens; no image tower",
+        "(retrieval.query, always applied), mean pooling, 1024-d (Matryoshka), 8192 tokens; image tower: EVA02-L/14 at "
+        "512 px, CLS pooling, in the same 1024-d space",
         pooling="mean",
         # encode_text defaults to 512 tokens; the text tower supports 8192 (model card).
         max_input_tokens=8192,

@@ -23,7 +23,9 @@ from .contract import TASKS, Encoder, Runner
 from .devices import resolve_device, resolve_dtype
 from .eland import materialize_eland
 from .embedding import DenseLayer, EmbeddingModel
+from .eva_vision import ImageEmbeddingModel, load_image_side
 from .families import Family, family_for_config
+from .images import ImagePreprocessor
 from .layers import WeightReader
 from .listwise import BLOCK_DOCUMENTS, MAX_DOCUMENT_TOKENS, ListwiseReranker
 from .model_dir import ModelDirSpec, read_model_dir
@@ -73,6 +75,10 @@ class ServedModel:
     # Every setting as resolved from the directory, the catalog and the defaults; the fields above
     # are the values in force after what loading derives (limits, adapter tasks).
     settings: ModelSettings = field(default_factory=ModelSettings)
+    # Image input (jina-clip-v2): the vision tower with the text head's output options, and the
+    # processor that turns image bytes into its pixels. None: a text-only model.
+    images: ImageEmbeddingModel | None = None
+    image_processor: ImagePreprocessor | None = None
 
     @functools.cached_property
     def _prompt_lengths(self) -> dict[str, int]:
@@ -95,6 +101,10 @@ class ServedModel:
             self.check_kernels()
         ids = self.tokenizer.encode_batch(["warm up"], truncate=True)[0].ids
         self.run_ids([ids, [ids[0]] * self.max_input_tokens])
+        if self.images is not None:
+            size = self.images.tower.image_size
+            self.images.embed_images(torch.zeros(1, 3, size, size, device=self.device),
+                                     [self.runner.default_options()])
 
     def run_ids(self, ids: list[list[int]]) -> list:
         """Token id lists through the model with default options, on the calling thread (warm-up
@@ -201,6 +211,7 @@ def load_model(
     reader = WeightReader(open_weights(spec.path), torch_device, torch_dtype, model_dir=spec.path)
     encoder = family.encoder.from_checkpoint(spec.config, reader)
     runner = build_runner(task, spec, settings, family, encoder, reader, torch_device)
+    image_side = load_image_side(spec.config, reader, spec.path)
     unused = [
         k for k in reader.unused()
         if not k.removeprefix(encoder.weight_prefix).startswith(family.heads.weight_prefixes)
@@ -253,4 +264,6 @@ def load_model(
         end_of_life_date=settings.end_of_life_date,
         window_overlap_tokens=int(settings.window_overlap_tokens),
         settings=settings,
+        images=image_side[0] if image_side else None,
+        image_processor=image_side[1] if image_side else None,
     )

@@ -1,11 +1,16 @@
-"""Generate the Python stubs of proto/infercore/v1/*.proto into the package (``make proto``).
+"""Generate the Python stubs of the .proto files under proto/ into the package (``make proto``).
 
     python proto/generate.py [--out DIR]
 
-The stubs go to ``infercore/proto/v1/`` (the package ``infercore.proto.v1``, which works for
-editable and normal installs alike because ``infercore/`` is the package root). protoc names modules
-after the .proto paths (``infercore.v1.inference_pb2``); the imports between generated modules are
-rewritten to the package path. Output is deterministic for one grpcio-tools version, which the
+Two proto packages, each into its own stub package (which works for editable and normal installs
+alike because ``infercore/`` is the package root):
+
+- ``proto/infercore/v1/*.proto`` (infercore's own API) → ``infercore/proto/v1/`` (``infercore.proto.v1``);
+- ``proto/inference/*.proto`` (the Open Inference Protocol v2, whose package name ``inference`` clients
+  expect on the wire) → ``infercore/proto/inference/`` (``infercore.proto.inference``).
+
+protoc names modules after the .proto paths (``infercore.v1.inference_pb2``); the imports between
+generated modules are rewritten to the package path. Output is deterministic for one grpcio-tools version, which the
 ``test`` extra pins, so tests/test_grpc_stubs.py can regenerate into a temporary directory and fail
 when the committed stubs are stale.
 """
@@ -21,18 +26,25 @@ from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
 REPO = PROTO_ROOT.parent
-PROTO_PACKAGE = "infercore/v1"  # folder under proto/, and the .proto package infercore.v1
+# Folder under proto/ (its path is the .proto package) → stub folder under the output package.
+PROTO_PACKAGES = {"infercore/v1": "v1", "inference": "inference"}
 OUT_DEFAULT = REPO / "infercore" / "proto"
-PYTHON_PACKAGE = "infercore.proto.v1"
 INIT_TEXT = '"""Generated gRPC stubs of proto/{path}; regenerate with `make proto`, never edit."""\n'
 
 
-def proto_files() -> list[Path]:
-    return sorted((PROTO_ROOT / PROTO_PACKAGE).glob("*.proto"))
+def proto_files(proto_package: str) -> list[Path]:
+    return sorted((PROTO_ROOT / proto_package).glob("*.proto"))
 
 
 def generate(out: Path) -> list[Path]:
-    """Write the stub package ``v1/`` (plus ``__init__.py`` files) under ``out``; return the files."""
+    """Write every stub package (plus ``__init__.py`` files) under ``out``; return the files."""
+    (out / "__init__.py").write_text(INIT_TEXT.format(path=""), encoding="utf-8")
+    for proto_package, folder in PROTO_PACKAGES.items():
+        _generate_package(proto_package, out / folder, f"infercore.proto.{folder}")
+    return sorted(p for p in out.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+
+
+def _generate_package(proto_package: str, target: Path, python_package: str) -> None:
     from grpc_tools import protoc  # the test extra's grpcio-tools
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,24 +56,21 @@ def generate(out: Path) -> list[Path]:
             f"--python_out={tmp}",
             f"--pyi_out={tmp}",
             f"--grpc_python_out={tmp}",
-            *(str(p.relative_to(PROTO_ROOT)) for p in proto_files()),
+            *(str(p.relative_to(PROTO_ROOT)) for p in proto_files(proto_package)),
         ]
         if protoc.main(args) != 0:
             raise SystemExit("protoc failed")
-        generated = Path(tmp) / PROTO_PACKAGE
-        target = out / "v1"
+        generated = Path(tmp) / proto_package
         if target.exists():
             shutil.rmtree(target)
         target.mkdir(parents=True)
-        module_path = PROTO_PACKAGE.replace("/", ".")
+        module_path = proto_package.replace("/", ".")
         for source in sorted(generated.iterdir()):
             text = source.read_text(encoding="utf-8")
-            text = re.sub(rf"^from {re.escape(module_path)} import ", f"from {PYTHON_PACKAGE} import ", text,
+            text = re.sub(rf"^from {re.escape(module_path)} import ", f"from {python_package} import ", text,
                           flags=re.MULTILINE)
             (target / source.name).write_text(text, encoding="utf-8")
-    (out / "__init__.py").write_text(INIT_TEXT.format(path=PROTO_PACKAGE), encoding="utf-8")
-    (target / "__init__.py").write_text(INIT_TEXT.format(path=PROTO_PACKAGE), encoding="utf-8")
-    return sorted(p for p in out.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    (target / "__init__.py").write_text(INIT_TEXT.format(path=proto_package), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .dialects import cohere, eis, elasticsearch, native, openai
+from .dialects import cohere, eis, elasticsearch, native, oip, openai
 from .engine import Engine
 from .errors import InferenceError, MalformedRequest, MethodNotAllowed, RouteNotFound
 from .http import json_response
@@ -54,10 +54,15 @@ def create_app(engine: Engine, on_load_failure: Callable[[], None] | None = None
         (cohere.format_error, cohere.routes(engine)),
         (elasticsearch.format_error, elasticsearch.routes(engine)),
         (eis.format_error, eis.routes(engine)),
+        (oip.format_error, oip.routes(engine)),
     ]
     # 404/405 answers come in the error shape of the dialect that owns the path.
     formatter_by_path = {route.path: fmt for fmt, routes in dialect_routes for route in routes}
-    formatter_by_prefix = {"/_inference/": elasticsearch.format_error}
+    formatter_by_prefix = {
+        "/_inference/": elasticsearch.format_error,
+        "/v2/models/": oip.format_error,
+        "/v2/health/": oip.format_error,
+    }
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         path = request.url.path

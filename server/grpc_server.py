@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ..proto.v1 import inference_pb2_grpc as pb_grpc
 from .config import ServerConfig
+from .dialects import oip
 from .dialects.grpc import SERVICE_NAME, InferenceService
 from .engine import Engine
 
@@ -70,9 +71,11 @@ class GrpcServer:
         pb_grpc.add_InferenceServiceServicer_to_server(
             InferenceService(engine, config.grpc_stream_max_in_flight, config.api_key), self.server
         )
+        oip.pb_grpc.add_GRPCInferenceServiceServicer_to_server(oip.OpenInferenceService(engine, config.api_key),
+                                                               self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (SERVICE_NAME, oip.GRPC_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self._watcher: asyncio.Task | None = None
 

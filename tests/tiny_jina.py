@@ -10,10 +10,12 @@ mixer.out_proj, norm1, mlp.fc1, mlp.fc2, norm2}``, ``pooler.dense``; config.json
 The published adapters of a linear layer start with B = 0; here both factors are random, so every
 task visibly changes the output.
 
-jina-clip-v2: the same text tower under ``text_model.transformer.roberta.`` (the prefix is a guess
-from the module nesting of the published ``JinaCLIPModel``, whose text tower wraps the v3 XLM-R)
-beside a stand-in vision weight, one adapter, and the ``jina_clip`` config whose
-``text_config.hf_model_config_kwargs`` carries the sizes.
+jina-clip-v2: the same text tower, with one adapter and no pooler, under
+``text_model.transformer.roberta.`` (jina-clip-implementation's module nesting: ``JinaCLIPModel.text_model``
+is an ``HFTextEncoder`` whose ``transformer`` is ``XLMRobertaLoRA``, whose ``roberta`` is the
+``XLMRobertaModel`` built with ``add_pooling_layer=False``), the EVA02 vision tower under
+``vision_model.`` and ``logit_scale`` (tests/tiny_clip.py), the ``jina_clip`` config whose
+``text_config.hf_model_config_kwargs`` carries the text sizes, and ``preprocessor_config.json``.
 
 The vocabulary is MiniLM's WordPiece one (30522 tokens): fine for numerics.
 """
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from tests import tiny_clip
 from tests.tiny_checkpoints import copy_tokenizer
 
 V3_TASKS = ["retrieval.query", "retrieval.passage", "separation", "classification", "text-matching"]
@@ -157,7 +160,7 @@ def clip_text_config() -> dict[str, Any]:
 
 def build_jina_clip_v2(out: Path, seed: int = 1) -> Path:
     """A tiny jina-clip-v2 directory: config ``jina_clip``, the text tower under CLIP_TEXT_PREFIX,
-    one stand-in vision weight."""
+    the vision tower under ``vision_model.`` (seeded by tiny_clip.SEED: the golden files depend on it)."""
     text = clip_text_config()
     kwargs = {k: text[k] for k in (*TINY_SIZES, "lora_adaptations", "lora_rank", "lora_alpha", "task_instructions")}
     config = {
@@ -180,11 +183,14 @@ def build_jina_clip_v2(out: Path, seed: int = 1) -> Path:
             "hf_model_config_kwargs": {**kwargs, "lora_dropout_p": 0.0, "load_trained_adapters": False,
                                        "use_flash_attn": True},
         },
-        "vision_config": {"embed_dim": 32, "width": 16, "layers": 1},
+        "vision_config": tiny_clip.vision_config(),
     }
     weights = published_weights(text, prefix=CLIP_TEXT_PREFIX, seed=seed, pooler=False)
-    weights["vision_model.patch_embed.proj.weight"] = torch.zeros(16, 3, 2, 2)
-    return write_checkpoint(out, config, weights)
+    weights.update(tiny_clip.vision_weights(config["vision_config"]))
+    write_checkpoint(out, config, weights)
+    size = config["vision_config"]["image_size"]
+    (out / "preprocessor_config.json").write_text(json.dumps(tiny_clip.preprocessor_config(size), indent=2))
+    return out
 
 
 def build_multilingual_e5(out: Path, seed: int = 0) -> Path:

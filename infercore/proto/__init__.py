@@ -1,1 +1,1 @@
-"""Generated gRPC stubs of proto/infercore/v1; regenerate with `make proto`, never edit."""
+"""Generated gRPC stubs of proto/; regenerate with `make proto`, never edit."""

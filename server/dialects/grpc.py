@@ -4,7 +4,7 @@ The server that carries it (port, TLS, health, reflection) is server/grpc_server
 dialects it only translates, with the same API key check (server/auth.py) and Retry-After
 (errors.retry_after_header): it builds canonical requests, calls the engine and
 formats its results (dense vectors as packed little-endian bytes). Engine errors become gRPC statuses
-(unary) or ``RequestError`` slots (streams) through ``GRPC_CODES``. Streams answer in request order
+(unary) or ``RequestError`` slots (streams) through ``grpc_status.grpc_code``. Streams answer in request order
 with at most ``max_in_flight`` requests in progress each; closing a stream cancels what it still
 has queued (the engine then drops those inputs, counted as ``cancelled``).
 """
@@ -28,45 +28,16 @@ from ..auth import check_bearer
 from ..canonical import DecodeRequest, EmbedRequest, RerankRequest, SparseEmbedRequest, Timings, TokenizeRequest
 from ..engine import Engine
 from ..errors import (
-    BackendError,
     DeadlineExceeded,
     InferenceError,
-    MalformedRequest,
-    MethodNotAllowed,
-    ModelNotFound,
-    ModelRetired,
-    NotReady,
-    Overloaded,
-    PayloadTooLarge,
-    RouteNotFound,
-    Unauthorized,
     ValidationError,
-    retry_after_header,
 )
+from ..grpc_status import grpc_code, retry_after_metadata
 from ..info import TASKS, ModelInfo
 
 log = logging.getLogger("infercore.grpc")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
-
-# Engine error → gRPC status. Too many inputs, or an input over the token limit without truncation,
-# is INVALID_ARGUMENT, not RESOURCE_EXHAUSTED: retrying the same request can never succeed, and
-# gateways retry RESOURCE_EXHAUSTED. (A message over the receive limit is refused by gRPC itself,
-# with RESOURCE_EXHAUSTED, before it reaches this code.)
-GRPC_CODES: dict[type[InferenceError], grpc.StatusCode] = {
-    ValidationError: grpc.StatusCode.INVALID_ARGUMENT,
-    MalformedRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    PayloadTooLarge: grpc.StatusCode.INVALID_ARGUMENT,
-    ModelNotFound: grpc.StatusCode.NOT_FOUND,
-    ModelRetired: grpc.StatusCode.FAILED_PRECONDITION,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    NotReady: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Unauthorized: grpc.StatusCode.UNAUTHENTICATED,
-    RouteNotFound: grpc.StatusCode.UNIMPLEMENTED,
-    MethodNotAllowed: grpc.StatusCode.UNIMPLEMENTED,
-    BackendError: grpc.StatusCode.INTERNAL,
-}
 
 LANES = {pb.LANE_UNSPECIFIED: None, pb.LANE_SEARCH: "search", pb.LANE_INGEST: "ingest", pb.LANE_BATCH: "batch"}
 LANE_ENUMS = {name: value for value, name in LANES.items() if name is not None}
@@ -76,22 +47,6 @@ NS_PER_S = 1_000_000_000
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
-
-
-def grpc_code(exc: InferenceError) -> grpc.StatusCode:
-    for cls in type(exc).__mro__:
-        if cls in GRPC_CODES:
-            return GRPC_CODES[cls]
-    return grpc.StatusCode.INTERNAL
-
-
-def retry_after_metadata(exc: InferenceError) -> tuple[tuple[str, str], ...]:
-    """Trailing metadata of an overload: ``retry-after`` (seconds, as HTTP's header) and
-    ``grpc-retry-pushback-ms``, which gRPC clients with a retry policy wait for."""
-    retry_after = retry_after_header(exc)
-    if retry_after is None:
-        return ()
-    return (("retry-after", retry_after), ("grpc-retry-pushback-ms", str(int(exc.retry_after_s * 1e3))))
 
 
 # ---- encoding -------------------------------------------------------------------------------

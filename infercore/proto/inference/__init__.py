@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of proto/inference; regenerate with `make proto`, never edit."""
