@@ -23,6 +23,7 @@ from pathlib import Path
 from ..models.checkpoint import CheckpointError
 from ..models.repository import parse_model_arg, resolve_sources
 from .config import ServerConfig
+from .json_limits import MAX_DEPTH_CEILING, JsonLimits
 
 DEVICES_HELP = (
     "where models run: auto (default: every visible GPU, else the CPU), cpu, cuda (= cuda:0), cuda:N, "
@@ -120,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest request body in bytes",
     )
     serve.add_argument(
+        "--json-max-depth", type=_positive_int, default=int(_env("json-max-depth", defaults.json_max_depth)),
+        help=f"nesting levels a JSON request body may have; deeper gets 400 (at most {MAX_DEPTH_CEILING})",
+    )
+    serve.add_argument(
+        "--json-max-elements", type=_positive_int,
+        default=int(_env("json-max-elements", defaults.json_max_elements)),
+        help="JSON values (strings, numbers, arrays, objects ...) a request body may hold; more gets 413",
+    )
+    serve.add_argument(
         "--tokenization-workers", type=_positive_int,
         default=int(_env("tokenization-workers", defaults.tokenization_workers)),
     )
@@ -201,6 +211,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_input_tokens=int(args.max_input_tokens) if args.max_input_tokens else None,
         auto_truncate=args.auto_truncate,
         payload_limit_bytes=args.payload_limit,
+        **_json_limits(args),
         tokenization_workers=args.tokenization_workers,
         cpu_workers=int(args.cpu_workers) if args.cpu_workers else None,
         cpu_threads=args.cpu_threads,
@@ -209,6 +220,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         grpc_stream_max_in_flight=args.grpc_stream_max_in_flight,
         **_tls_files(args),
     )
+
+
+def _json_limits(args: argparse.Namespace) -> dict[str, int]:
+    """--json-max-depth/--json-max-elements, checked as the server will use them."""
+    limits = JsonLimits(args.json_max_depth, args.json_max_elements)
+    return {"json_max_depth": limits.max_depth, "json_max_elements": limits.max_elements}
 
 
 def _grpc_port(value) -> int | None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..models.repository import ModelSource
+from .json_limits import DEFAULT_MAX_DEPTH, DEFAULT_MAX_ELEMENTS
 
 # Per-device default token budget of a batch. On CPU, bigger batches buy nothing (the matmuls are
 # already at the cores' peak) and cost page faults for >32 MiB activations: 4096 measured ~1.2x
@@ -53,6 +54,10 @@ class ServerConfig:
     auto_truncate: bool = False
     # Largest request body accepted, in bytes.
     payload_limit_bytes: int = 8 * 1024 * 1024
+    # Bounds on a JSON request body, checked before it is decoded (server/json_limits.py): nesting
+    # levels (beyond: 400) and values (beyond: 413).
+    json_max_depth: int = DEFAULT_MAX_DEPTH
+    json_max_elements: int = DEFAULT_MAX_ELEMENTS
     tokenization_workers: int = max(1, (os.cpu_count() or 2) - 1)
     # CPU models run data-parallel: this many main executors per model (None: one per core), each
     # with ``cpu_threads`` intra-op threads. On the 2-core machine, two single-threaded workers gave
