@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from ..proto.v1 import inference_pb2_grpc as pb_grpc
 from .config import ServerConfig
 from .engine import Engine
+from .grpc_limits import BoundedRequests
 from .grpc_service import SERVICE_NAME, InferenceService
 
 log = logging.getLogger("infercore.grpc")
@@ -66,7 +67,7 @@ class GrpcServer:
             ("grpc.max_send_message_length", -1),
             # A port already taken must fail the start, not be shared with another process.
             ("grpc.so_reuseport", 0),
-        ])
+        ], interceptors=[BoundedRequests(config.json_max_elements)])
         pb_grpc.add_InferenceServiceServicer_to_server(
             InferenceService(engine, config.grpc_stream_max_in_flight, config.api_key), self.server
         )
