@@ -13,7 +13,8 @@ interceptor on ``infercore.v1.InferenceService``, wraps each method's deserializ
 
 Nesting needs no bound of its own here: the protobuf decoder refuses more than 100 levels, and the
 service's messages nest at most two levels. The message size is bounded by gRPC's receive limit
-(``--payload-limit``). In a stream, a refused message ends the stream with that status.
+(``--payload-limit``). In a stream, the requests before a refused message are answered, then the
+call ends with that status.
 """
 
 from __future__ import annotations
@@ -110,13 +111,20 @@ def _checked_unary(behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Aw
 
 def _checked_stream(behaviour: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
     async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        refused: list[RefusedMessage] = []
+
         async def accepted() -> AsyncIterator[Any]:
+            # A refused message ends the stream's input here; the call is aborted below, from the
+            # handler's own task (aborting from the task that reads requests wedges the call).
             async for request in requests:
                 if isinstance(request, RefusedMessage):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+                    refused.append(request)
+                    return
                 yield request
 
         async for response in behaviour(accepted(), context):
             yield response
+        if refused:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused[0].reason)
 
     return checked

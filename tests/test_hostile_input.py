@@ -219,3 +219,25 @@ def test_grpc_message_with_too_many_values_is_invalid_argument(channel):
                                      metadata=(("authorization", f"Bearer {API_KEY}"),))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "--json-max-elements" in error.value.details()
+
+
+STREAM_REQUESTS = {
+    "EmbedStream": UNARY_REQUESTS["Embed"],
+    "EmbedSparseStream": UNARY_REQUESTS["EmbedSparse"],
+    "RerankStream": UNARY_REQUESTS["Rerank"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(STREAM_REQUESTS))
+def test_undecodable_message_in_a_stream_answers_the_earlier_ones_then_invalid_argument(channel, method):
+    """Found by the fuzz suite: aborting from the stream's reader wedged the call until its deadline."""
+    call = channel.stream_stream(f"/infercore.v1.InferenceService/{method}", request_serializer=None,
+                                 response_deserializer=None)
+    requests = [STREAM_REQUESTS[method].SerializeToString(), UNDECODABLE["truncated_length"]]
+    answers = []
+    with LogCapture() as logs, pytest.raises(grpc.RpcError) as error:
+        for answer in call(iter(requests), timeout=20, metadata=(("authorization", f"Bearer {API_KEY}"),)):
+            answers.append(answer)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.value.code(), error.value.details())
+    assert len(answers) == 1
+    assert not logs.tracebacks(), logs.tracebacks()
