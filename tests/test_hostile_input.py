@@ -154,6 +154,21 @@ def test_json_limits_refuse_settings_the_decoder_cannot_honour():
         JsonLimits(max_elements=0)
 
 
+def test_json_limits_come_from_flags_and_the_environment(monkeypatch):
+    from infercore.server import cli
+
+    def config(*flags: str):
+        return cli.config_from_args(cli.build_parser().parse_args(["serve", *flags]))
+
+    assert (config().json_max_depth, config().json_max_elements) == (64, 1_000_000)
+    limits = config("--json-max-depth", "8", "--json-max-elements", "500")
+    assert (limits.json_max_depth, limits.json_max_elements) == (8, 500)
+    monkeypatch.setenv("INFERCORE_JSON_MAX_DEPTH", "12")
+    assert config().json_max_depth == 12
+    with pytest.raises(ValueError, match="--json-max-depth"):
+        config("--json-max-depth", "1000")
+
+
 def test_duplicate_key_message_names_the_key_but_cuts_it():
     class Body(msgspec.Struct):
         inputs: str
