@@ -119,8 +119,9 @@ class DrainingServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """Stop accepting before closing anything, and answer every connection accepted until then
         (server/shutdown.py); then uvicorn's shutdown finishes the requests in progress."""
-        await stop_accepting(self.servers)
-        await answer_accepted(self.server_state.connections)
+        if not self.force_exit:
+            await stop_accepting(self.servers)
+            await answer_accepted(self.server_state.connections)
         await super().shutdown(sockets)
 
     def _exit_when_drained(self) -> None:

@@ -58,6 +58,7 @@ KEY_ECHO_CHARS = 64
 # A JSON string: a quote, then runs of anything but quote and backslash, or escapes. Possessive, so
 # an unterminated string fails in linear time. DOTALL: a raw newline in a string is still inside it.
 _STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
+_LONE_HIGH_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])")
 _WHITESPACE = b" \t\r\n"
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 # Opening brackets → +1, closing → -1 (255 as int8), for the running nesting level.
@@ -95,7 +96,9 @@ def decode_body(body: bytes, struct: type[T], limits: JsonLimits | None = None) 
     except msgspec.ValidationError as exc:
         raise ValidationError(f"invalid request: {exc}") from None
     except msgspec.DecodeError as exc:
-        raise MalformedRequest(f"request body is not valid JSON: {exc}") from None
+        # msgspec calls a high surrogate escape without its low half "truncated" input: say what it is.
+        detail = "a UTF-16 surrogate escape without its pair" if _LONE_HIGH_SURROGATE.search(body) else exc
+        raise MalformedRequest(f"request body is not valid JSON: {detail}") from None
     check_strict(body)
     return decoded
 

@@ -11,7 +11,8 @@ clients and health checkers do, and classifies what happened to it from the clie
 - ``reset``: established, then reset (``ECONNRESET`` / ``EPIPE``) with no response;
 - ``unanswered``: established, then closed by the server before a complete response.
 
-The last two are what a drain must never produce. A long request admitted before the signal keeps
+The last two are what a drain must never produce. A keep-alive client sees ``Connection: close`` on
+its first response of the drain. A long request admitted before the signal keeps
 the drain going for a while, so connections arrive during the drain as well as at its very end.
 """
 
@@ -112,11 +113,19 @@ def test_sigterm_under_new_connection_load_answers_every_accepted_connection_and
         while sum(scrape(server.url, "infercore_queue_items").values()) == 0 and not long_call.done():
             assert time.monotonic() < deadline, "the long request was never queued"
             time.sleep(0.02)
+        keep_alive = httpx.Client(base_url=server.url, timeout=30.0, trust_env=False)
+        assert keep_alive.get("/health").status_code == 200
+        assert "close" not in keep_alive.get("/health").headers.get("connection", "")
         with ThreadPoolExecutor(CLIENT_THREADS) as pool:
             clients = [pool.submit(client) for _ in range(CLIENT_THREADS)]
             time.sleep(LOAD_BEFORE_SIGNAL_S)
             server.proc.send_signal(signal.SIGTERM)
             signalled_at = time.monotonic()
+            deadline = time.monotonic() + 15.0
+            while (during_drain := keep_alive.get("/health")).status_code != 503:
+                assert time.monotonic() < deadline, "the drain never began"
+                time.sleep(0.02)
+            keep_alive.close()
             exit_code = server.proc.wait(timeout=EXIT_TIMEOUT_S)
             exited_at.append(time.monotonic())
             for future in clients:
@@ -131,6 +140,8 @@ def test_sigterm_under_new_connection_load_answers_every_accepted_connection_and
     assert outcomes["reset"] == 0, f"accepted connections reset without a response: {dict(outcomes)}"
     assert outcomes["unanswered"] == 0, f"accepted connections closed without a response: {dict(outcomes)}"
     assert long_answer.status_code == 200, long_answer.text
+    # a keep-alive connection is told to go away by the first response of the drain
+    assert during_drain.headers.get("connection") == "close", during_drain.headers
     assert statuses[503] > 0, f"no request was answered 503 during the drain: {dict(statuses)}"
     assert outcomes["refused"] > 0, "the load never reached the end of the drain"
     assert exit_code == 0, server.log()[-3000:]

@@ -80,7 +80,7 @@ HOSTILE = [
     ("float_overflowing_in_extra", lambda r: with_extra(r, b"1e400"), 200, ""),
     ("invalid_utf8_in_extra", lambda r: with_extra(r, b'"\xff\xfe"'), 400, "UTF-8"),
     ("utf8_encoded_surrogate", lambda r: with_extra(r, b'"\xed\xa0\x80"'), 400, "UTF-8"),
-    ("lone_surrogate_escape", lambda r: with_extra(r, b'"\\ud800"'), 400, "not valid JSON"),
+    ("lone_surrogate_escape", lambda r: with_extra(r, b'"\\ud800"'), 400, "surrogate escape without its pair"),
     ("lone_low_surrogate_escape", lambda r: with_extra(r, b'"\\udc00x"'), 400, "not valid JSON"),
     ("raw_nul_in_string", lambda r: with_extra(r, b'"a\x00b"'), 400, "not valid JSON"),
     ("nul_after_body", lambda r: json.dumps(VALID_BODIES[r]).encode() + b"\x00", 400, "not valid JSON"),
