@@ -6,10 +6,10 @@
    with 400 and more than ``max_elements`` JSON values with 413, each message naming its limit. The
    C decoders recurse once per nesting level and raise ``RecursionError`` near Python's recursion
    limit (a 500 before this module), and every value costs a Python object, so both are bounded
-   before they decode a byte. The scan is one pass of C-speed byte counts: first over the raw
-   bytes, which over-counts (brackets and commas inside strings count too) and so can only clear a
-   body; only a body the raw counts cannot clear is scanned again with its strings blanked out,
-   which gives the exact figures.
+   before they decode a byte. The scan is C-speed byte counting: first over the raw bytes, which
+   over-counts (brackets and commas inside strings count too) and so can only clear a body; only a
+   body the raw counts cannot clear is counted again with its strings blanked out (a split on
+   quotes, or a regular expression when a quote is escaped), which gives the exact figures.
 2. **Typed decoding** into the dialect's msgspec struct: malformed JSON (NaN / Infinity literals,
    invalid UTF-8 or control characters in a string, lone UTF-16 surrogate escapes, NUL bytes,
    trailing data) is 400; well-formed JSON of the wrong types, or a number out of its field's
@@ -140,6 +140,8 @@ def check_strict(body: bytes) -> None:
         json.loads(text, object_pairs_hook=_unique_keys)
     except _RepeatedKey as exc:
         raise MalformedRequest(f"request body has the key {exc.key!r} twice in one JSON object") from None
+    except json.JSONDecodeError as exc:  # msgspec accepted it: not expected, but a client's fault all the same
+        raise MalformedRequest(f"request body is not valid JSON: {exc.msg} (character {exc.pos})") from None
     except ValueError:  # Python's limit on integer digits; the typed decoding refused everything else
         raise ValidationError(
             f"invalid request: an integer in the request body has more than {sys.get_int_max_str_digits()} digits"

@@ -93,21 +93,46 @@ json_values = st.recursive(
 )
 # Bytes spliced into a valid body: each a decoder failure mode (the 5000 brackets are the original report's).
 SPLICES = (b"\xff", b"\x00", b"\\ud800", b"[" * 40, b"[" * 5000, b"NaN", b'"', b"\xed\xa0\x80", b"1e999", b"9" * 40)
-overrides = st.dictionaries(st.sampled_from(FIELD_NAMES), json_values, max_size=4)
+text_lists = st.lists(texts, max_size=10)
+token_ids = st.lists(st.integers(-2, 31_000) | nasty_ints, max_size=6)
+# Values of the right type (mostly) for each field, so that requests get past decoding into the
+# engine's own checks and computation; anything else comes from ``json_values``.
+PLAUSIBLE = {
+    "inputs": texts | text_lists, "input": texts | text_lists, "query": texts, "texts": text_lists,
+    "documents": st.lists(texts | texts.map(lambda t: {"text": t}) | texts.map(lambda t: {"type": "text", "value": t})
+                          | texts.map(lambda t: {"type": "image", "value": t}), max_size=10),
+    "ids": token_ids | st.lists(token_ids, max_size=4), "model": words | printable,
+    "task_settings": st.fixed_dictionaries({}, optional={"top_n": nasty_ints | scalars,
+                                                         "return_documents": scalars}),
+    "min_weight": nasty_floats, "user": texts,
+    **{name: st.booleans() | st.none() for name in ("normalize", "truncate", "return_text", "raw_scores",
+                                                       "add_special_tokens", "skip_special_tokens",
+                                                       "return_documents")},
+    **{name: nasty_ints | st.none() for name in ("dimensions", "top_k", "top_n", "max_chunks_per_doc")},
+    **{name: words | st.none() for name in ("truncation_direction", "prompt_name", "priority", "task",
+                                            "encoding_format", "input_type", "usage_context")},
+}
+plausible_overrides = st.dictionaries(st.sampled_from(FIELD_NAMES), st.just(None), max_size=3).flatmap(
+    lambda keys: st.fixed_dictionaries({key: PLAUSIBLE[key] for key in keys}))
+hostile_overrides = st.dictionaries(st.sampled_from(FIELD_NAMES), json_values, max_size=4)
 
 
 @st.composite
 def json_bodies(draw, route_path: str) -> bytes:
-    """A request body: a valid one with hostile overrides, arbitrary JSON, or mangled bytes."""
+    """A request body: the route's valid body as it is or with plausible or hostile field values
+    (some of its fields dropped), arbitrary JSON, mangled bytes, or nothing much."""
     base = VALID_BODIES.get(route_path, {"inputs": [f"{CANARY} text"]})
-    kind = draw(st.sampled_from(["override", "override", "arbitrary", "bytes", "empty"]))
+    kind = draw(st.sampled_from(["valid", "plausible", "plausible", "plausible", "hostile", "arbitrary", "bytes",
+                                 "empty"]))
     if kind == "empty":
         return draw(st.sampled_from([b"", b" ", b"null", b"[]", b"{}", b'""']))
     if kind == "arbitrary":
         value = draw(json_values)
+    elif kind == "valid":
+        value = base
     else:
-        value = {**base, **draw(overrides)}
-        for key in draw(st.lists(st.sampled_from(sorted(base)), max_size=2)):
+        value = {**base, **draw(plausible_overrides if kind == "plausible" else hostile_overrides)}
+        for key in draw(st.lists(st.sampled_from(sorted(base)), max_size=1 if kind == "plausible" else 2)):
             value.pop(key, None)
     encoded = json.dumps(value, ensure_ascii=draw(st.booleans())).encode()
     if kind != "bytes":
@@ -133,14 +158,19 @@ headers_strategy = st.fixed_dictionaries(
         "x-fuzz": header_text,
     },
 )
-auth_strategy = st.sampled_from(["valid", "valid", "valid", "wrong", "missing", "no-scheme"])
+auth_strategy = st.sampled_from(["valid"] * 9 + ["wrong", "missing", "no-scheme"])
 query_strategy = st.dictionaries(st.sampled_from(["format", "timeout", "model", "x"]),
                                  st.sampled_from(["ids", "tokens", "30s", "1ms", "0s", "-1s", "1", "abc"]) | printable,
                                  max_size=3)
 
 
 def fill_path(path: str, draw) -> str:
-    """``path`` with every ``{param}`` filled by a known value or arbitrary (URL-quoted) text."""
+    """``path`` with every ``{param}`` filled by a known value or arbitrary (URL-quoted) text; as
+    often, a concrete path of the route that the valid bodies name."""
+    pattern = re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", path) + "$")
+    concrete = sorted(p for p in VALID_BODIES if "{" in path and pattern.match(p))
+    if concrete and draw(st.booleans()):
+        return draw(st.sampled_from(concrete))
     return re.sub(r"\{[^}]+\}",
                   lambda _: urllib.parse.quote(draw(st.sampled_from(PATH_VALUES) | printable) or "x", safe=""),
                   path)
@@ -229,8 +259,8 @@ def test_every_route_of_every_dialect_survives_fuzzing(server, http, channel, ro
     def fuzz_route(data) -> None:
         draw = data.draw
         path = fill_path(route_path, draw)
-        method = draw(st.sampled_from(declared) | st.sampled_from(METHODS))
-        headers = {**draw(headers_strategy), **auth_header(draw(auth_strategy))}
+        method = draw(st.sampled_from([*declared] * 16 + [*METHODS]))
+        headers = {**draw(st.just({}) | headers_strategy), **auth_header(draw(auth_strategy))}
         query = draw(query_strategy)
         body = draw(json_bodies(path if path in VALID_BODIES else route_path)) if method not in ("GET", "HEAD") else b""
         response = http.request(method, path, params=query, headers=headers, content=body)

@@ -40,6 +40,7 @@ VALID_BODIES = {
     "/tokenize": {"inputs": f"{CANARY} t"},
     "/decode": {"ids": [101, 102]},
     "/v1/embeddings": {"input": f"{CANARY} one", "model": "dense"},
+    "/embeddings": {"input": [f"{CANARY} one"], "model": "dense", "encoding_format": "base64"},
     "/v1/rerank": {"query": f"{CANARY} q", "documents": ["a doc"], "model": "cross"},
     "/_inference/text_embedding/dense": {"input": [f"{CANARY} one"]},
     "/_inference/sparse_embedding/sparse": {"input": [f"{CANARY} one"]},
