@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -13,6 +14,7 @@ from types import FrameType
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -20,6 +22,7 @@ from .dialects import cohere, eis, elasticsearch, native, oip, openai
 from .engine import Engine
 from .errors import InferenceError, MalformedRequest, MethodNotAllowed, RouteNotFound
 from .http import json_response
+from .shutdown import CloseWhenDraining, answer_accepted, stop_accepting
 
 log = logging.getLogger("infercore.app")
 
@@ -82,6 +85,7 @@ def create_app(engine: Engine, on_load_failure: Callable[[], None] | None = None
         routes=[route for _, routes in dialect_routes for route in routes],
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error},
+        middleware=[Middleware(CloseWhenDraining, engine=engine)],
     )
 
 
@@ -97,8 +101,9 @@ def _load(engine: Engine, on_failure: Callable[[], None] | None) -> None:
 
 class DrainingServer(uvicorn.Server):
     """uvicorn with a drain on SIGTERM/SIGINT: readiness turns false and new requests get 503 at
-    once, admitted requests finish (up to ``drain_timeout_s``), then the server stops and the
-    process exits 0. A second SIGINT forces the exit, as in plain uvicorn."""
+    once (with ``Connection: close``), admitted requests finish (up to ``drain_timeout_s``), then the
+    server stops accepting, answers every connection it accepted, and the process exits 0. A second
+    SIGINT forces the exit, as in plain uvicorn."""
 
     def __init__(self, config: uvicorn.Config, engine: Engine, drain_timeout_s: float):
         super().__init__(config)
@@ -115,6 +120,14 @@ class DrainingServer(uvicorn.Server):
         self._draining = True
         self.engine.begin_drain()
         threading.Thread(target=self._exit_when_drained, name="drain", daemon=True).start()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Stop accepting before closing anything, and answer every connection accepted until then
+        (server/shutdown.py); then uvicorn's shutdown finishes the requests in progress."""
+        if not self.force_exit:
+            await stop_accepting(self.servers)
+            await answer_accepted(self.server_state.connections)
+        await super().shutdown(sockets)
 
     def _exit_when_drained(self) -> None:
         deadline = time.monotonic() + self.drain_timeout_s

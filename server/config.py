@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models.repository import ModelSource, parse_model_arg
+from .json_limits import DEFAULT_MAX_DEPTH, DEFAULT_MAX_ELEMENTS, MAX_DEPTH_CEILING
 
 # Per-device default token budget of a batch. On CPU, bigger batches buy nothing (the matmuls are
 # already at the cores' peak) and cost page faults for >32 MiB activations: 4096 measured ~1.2x
@@ -73,6 +74,12 @@ def positive_int(text: str) -> int:
 def _positive_seconds(value: float, flag: str) -> float:
     if not value > 0:  # also refuses NaN
         raise ValueError(f"{flag} must be a positive number of seconds, got {value}")
+    return value
+
+
+def _json_depth(value: int, flag: str) -> int:
+    if not 1 <= value <= MAX_DEPTH_CEILING:
+        raise ValueError(f"{flag} must be between 1 and {MAX_DEPTH_CEILING}, got {value}")
     return value
 
 
@@ -143,6 +150,16 @@ class ServerConfig:
     )
     payload_limit_bytes: int = setting(
         8 * 1024 * 1024, "largest request body in bytes", name="payload-limit", parse=positive_int,
+    )
+    # Bounds on a JSON request body, checked before it is decoded (server/json_limits.py).
+    json_max_depth: int = setting(
+        DEFAULT_MAX_DEPTH,
+        f"nesting levels a JSON request body may have; deeper gets 400 (at most {MAX_DEPTH_CEILING})",
+        parse=int, check=_json_depth,
+    )
+    json_max_elements: int = setting(
+        DEFAULT_MAX_ELEMENTS, "JSON values (strings, numbers, arrays, objects) a request body may hold; more gets 413",
+        parse=positive_int,
     )
     tokenization_workers: int = setting(
         max(1, (os.cpu_count() or 2) - 1), "threads that tokenize requests off the event loop", parse=positive_int,

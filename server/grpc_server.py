@@ -31,6 +31,7 @@ from .config import ServerConfig
 from .dialects import oip
 from .dialects.grpc import SERVICE_NAME, InferenceService
 from .engine import Engine
+from .grpc_limits import BoundedRequests
 
 log = logging.getLogger("infercore.grpc")
 
@@ -67,7 +68,7 @@ class GrpcServer:
             ("grpc.max_send_message_length", -1),
             # A port already taken must fail the start, not be shared with another process.
             ("grpc.so_reuseport", 0),
-        ])
+        ], interceptors=[BoundedRequests(config.json_max_elements, (SERVICE_NAME, oip.GRPC_SERVICE_NAME))])
         pb_grpc.add_InferenceServiceServicer_to_server(
             InferenceService(engine, config.grpc_stream_max_in_flight, config.api_key), self.server
         )

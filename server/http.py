@@ -17,7 +17,8 @@ from starlette.responses import Response
 from .auth import check_bearer
 from .canonical import EmbedResult
 from .engine import Engine
-from .errors import InferenceError, MalformedRequest, NotReady, PayloadTooLarge, ValidationError, retry_after_header
+from .errors import InferenceError, NotReady, PayloadTooLarge, ValidationError, retry_after_header
+from .json_limits import JsonLimits, active_limits, decode_body
 
 log = logging.getLogger("infercore.http")
 
@@ -47,14 +48,8 @@ async def read_body(request: Request, limit_bytes: int) -> bytes:
 
 
 def decode_json(body: bytes, struct: type[T]) -> T:
-    if not body.strip():
-        raise MalformedRequest("request body is empty; expected a JSON object")
-    try:
-        return msgspec.json.decode(body, type=struct)
-    except msgspec.ValidationError as exc:
-        raise ValidationError(f"invalid request: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise MalformedRequest(f"request body is not valid JSON: {exc}") from None
+    """``body`` decoded into ``struct`` within the request's JSON limits (server/json_limits.py)."""
+    return decode_body(body, struct)
 
 
 def scheduling_hints(request: Request, body_priority: str | None = None) -> tuple[str | None, float | None]:
@@ -132,8 +127,11 @@ def endpoint(
     """Wrap a dialect handler: auth, error mapping in the dialect's shape (and, with ``status_of``,
     the dialect's status for an error), metrics, access log with the W3C trace id when sent."""
 
+    limits = JsonLimits(engine.config.json_max_depth, engine.config.json_max_elements)
+
     async def wrapped(request: Request) -> Response:
         started = time.perf_counter()
+        limits_token = active_limits.set(limits)
         try:
             if authenticate:
                 check_bearer(request.headers.get("authorization"), engine.config.api_key,
@@ -147,6 +145,8 @@ def endpoint(
         except Exception:
             log.exception("unexpected error on %s", route)
             response = error_response(InferenceError("internal server error"), format_error, status_of)
+        finally:
+            active_limits.reset(limits_token)
         duration = time.perf_counter() - started
         engine.metrics.observe_request(route, response.status_code, duration)
         trace = request.headers.get("traceparent")
