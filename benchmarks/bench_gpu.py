@@ -601,20 +601,9 @@ def bench_sentence_transformers(
 # ---- kernels -------------------------------------------------------------------------------------
 
 
-# Registry case (kernels.registry) → its name in the JSON, each at one serving size in one dtype.
-KERNEL_CASES = {
-    "splade_pool": "splade_pool",
-    "segment_pool_mean_normalize": "segment_pool_mean_normalize",
-    "segment_pool_last_normalize": "segment_pool_last_normalize",
-    "add_layer_norm": "add_layer_norm",
-    "add_rms_norm": "add_rms_norm",
-    "rms_norm_heads": "rms_norm_heads",
-    "bias_gelu_none": "bias_gelu",
-}
-
-
 def kernel_cases(device: Any, dry_run: bool) -> Iterator[tuple[str, Any, dict[str, Any]]]:
-    """(JSON name, registry case, Triton tuning options) at serving shapes (dry run: tiny)."""
+    """(JSON name, registry case, Triton tuning options): the sample cases of ``kernels.registry``
+    drawn at serving shapes (dry run: tiny), each in the dtype its models run."""
     import torch
 
     from infercore.kernels.registry import SPECS
@@ -623,29 +612,31 @@ def kernel_cases(device: Any, dry_run: bool) -> Iterator[tuple[str, Any, dict[st
     half = torch.float16 if device.type == "cuda" else torch.float32
     bf16 = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokens = (12,) if dry_run else (16384,)
-    plan = {  # kernel → [(shapes, dtype, Triton options)]
-        # SPLADE: 48 passages of ~330 tokens through BERT-base's vocabulary product. Small blocks
-        # under the interpreter, so a tiny case still spans several of each.
-        "splade_pool": [(SampleShapes(32, 0, 0, 300, lengths=(5, 17, 3)), half,
-                         {"block_t": 16, "block_v": 64, "block_k": 16}) if dry_run
-                        else (SampleShapes(768, 0, 0, 30522, lengths=(330,) * 48), half, {})],
-        # Segment pooling fused with truncation + L2: 50 passages of ~330 tokens, hidden 1024.
-        "segment_pool": [(SampleShapes(40 if dry_run else 1024, 0, 0, lengths=(4, 1, 9) if dry_run else (330,) * 50),
-                          bf16, {})],
-        # add_layer_norm at BERT-base's width in fp16; the RMSNorms at Qwen3's in bf16.
-        "fused_norm": [(SampleShapes(24 if dry_run else 768, 0, 8, lengths=tokens), half, {}),
-                       (SampleShapes(32 if dry_run else 1024, 0, 8 if dry_run else 128, lengths=tokens,
-                                     heads=2 if dry_run else 16), bf16, {})],
-        "bias_gelu": [(SampleShapes(0, 40 if dry_run else 3072, 0, lengths=tokens), half, {})],
-    }
+    # SPLADE: 48 passages of ~330 tokens through BERT-base's vocabulary product. Small blocks under
+    # the interpreter, so a tiny case still spans several of each.
+    splade = (SampleShapes(32, 0, 0, 300, lengths=(5, 17, 3)) if dry_run
+              else SampleShapes(768, 0, 0, 30522, lengths=(330,) * 48))
+    splade_blocks = {"block_t": 16, "block_v": 64, "block_k": 16} if dry_run else {}
+    # Segment pooling fused with truncation + L2: 50 passages of ~330 tokens, hidden 1024.
+    pooling = SampleShapes(40, 0, 0, lengths=(4, 1, 9)) if dry_run else SampleShapes(1024, 0, 0, lengths=(330,) * 50)
+    # add_layer_norm and bias + GELU at BERT-base's widths in fp16; the RMSNorms at Qwen3's in bf16.
+    bert = SampleShapes(24, 40, 8, lengths=tokens) if dry_run else SampleShapes(768, 3072, 64, lengths=tokens)
+    qwen3 = (SampleShapes(32, 0, 8, lengths=tokens) if dry_run
+             else SampleShapes(1024, 0, 128, lengths=tokens, heads=16))
+    rows = [  # (kernel, registry case, JSON name, shapes, dtype, Triton options)
+        ("splade_pool", "splade_pool", "splade_pool", splade, half, splade_blocks),
+        ("segment_pool", "segment_pool_mean_normalize", "segment_pool_mean_normalize", pooling, bf16, {}),
+        ("segment_pool", "segment_pool_last_normalize", "segment_pool_last_normalize", pooling, bf16, {}),
+        ("fused_norm", "add_layer_norm", "add_layer_norm", bert, half, {}),
+        ("fused_norm", "add_rms_norm", "add_rms_norm", qwen3, bf16, {}),
+        ("fused_norm", "rms_norm_heads", "rms_norm_heads", qwen3, bf16, {}),
+        ("bias_gelu", "bias_gelu_none", "bias_gelu", bert, half, {}),
+    ]
+    specs = {spec.name: spec for spec in SPECS}
     generator = torch.Generator().manual_seed(0)
-    for spec in SPECS:
-        taken = set()
-        for shapes, dtype, options in plan[spec.name]:
-            for case in spec.sample_cases(shapes, device, dtype, generator):
-                if case.name in KERNEL_CASES and case.name not in taken:
-                    taken.add(case.name)
-                    yield KERNEL_CASES[case.name], case, options
+    for kernel, case_name, json_name, shapes, dtype, options in rows:
+        cases = {case.name: case for case in specs[kernel].sample_cases(shapes, device, dtype, generator)}
+        yield json_name, cases[case_name], options
 
 
 def bench_kernels(device: Any, dry_run: bool) -> dict[str, Any]:
