@@ -29,6 +29,12 @@ log = logging.getLogger("infercore.app")
 # At shutdown, after the drain: what gRPC calls are left (idle streams, health watches) get this long.
 GRPC_STOP_GRACE_S = 2.0
 
+# Every HTTP dialect, in route-matching order; each has routes(engine) and format_error(exc).
+HTTP_DIALECTS = (native, openai, cohere, elasticsearch, eis, oip)
+# A 404/405 under one of these prefixes answers in that dialect's error shape (a path a dialect
+# serves answers in its own; any other path in the native shape).
+ERROR_SHAPE_PREFIXES = {"/_inference/": elasticsearch, "/v2/models/": oip, "/v2/health/": oip}
+
 
 def create_app(engine: Engine, on_load_failure: Callable[[], None] | None = None, load: bool = True) -> Starlette:
     """The app serves at once (answering 503 while models load) and loads models in a thread."""
@@ -51,21 +57,10 @@ def create_app(engine: Engine, on_load_failure: Callable[[], None] | None = None
             await grpc_server.stop(GRPC_STOP_GRACE_S)
         engine.shutdown()
 
-    dialect_routes = [
-        (native.format_error, native.routes(engine)),
-        (openai.format_error, openai.routes(engine)),
-        (cohere.format_error, cohere.routes(engine)),
-        (elasticsearch.format_error, elasticsearch.routes(engine)),
-        (eis.format_error, eis.routes(engine)),
-        (oip.format_error, oip.routes(engine)),
-    ]
+    dialect_routes = [(dialect.format_error, dialect.routes(engine)) for dialect in HTTP_DIALECTS]
     # 404/405 answers come in the error shape of the dialect that owns the path.
     formatter_by_path = {route.path: fmt for fmt, routes in dialect_routes for route in routes}
-    formatter_by_prefix = {
-        "/_inference/": elasticsearch.format_error,
-        "/v2/models/": oip.format_error,
-        "/v2/health/": oip.format_error,
-    }
+    formatter_by_prefix = {prefix: dialect.format_error for prefix, dialect in ERROR_SHAPE_PREFIXES.items()}
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         path = request.url.path

@@ -21,8 +21,9 @@ import httpx
 from starlette.routing import Route
 
 from infercore.models.repository import ModelSource
+from infercore.server.app import ERROR_SHAPE_PREFIXES, HTTP_DIALECTS
 from infercore.server.config import ServerConfig
-from infercore.server.dialects import cohere, eis, elasticsearch, native, openai
+from infercore.server.dialects import native
 from infercore.server.engine import Engine
 from infercore.server.errors import InferenceError
 from tests.tiny_checkpoints import build_bert_with_head
@@ -35,7 +36,7 @@ JSON_MAX_DEPTH = 16
 JSON_MAX_ELEMENTS = 2000
 # Planted in generated inputs: it must never show up in a log line.
 CANARY = "qzxcanary"
-DIALECTS: tuple[ModuleType, ...] = (native, openai, cohere, elasticsearch, eis)
+DIALECTS: tuple[ModuleType, ...] = HTTP_DIALECTS
 MODELS = ("dense", "sparse", "cross")
 
 
@@ -62,12 +63,12 @@ def route_table(engine: Engine) -> list[tuple[Route, ModuleType]]:
 
 
 def dialect_of(engine: Engine, path: str) -> ModuleType:
-    """The dialect whose error shape answers ``path``, as server/app.py picks it (404s under
-    ``/_inference/`` are Elasticsearch's, other unknown paths native)."""
+    """The dialect whose error shape answers ``path``, as server/app.py picks it (a served path its
+    dialect's, unknown paths under ``ERROR_SHAPE_PREFIXES`` that dialect's, others native)."""
     for route, dialect in route_table(engine):
         if route.path_regex.match(path):
             return dialect
-    return elasticsearch if path.startswith("/_inference/") else native
+    return next((d for prefix, d in ERROR_SHAPE_PREFIXES.items() if path.startswith(prefix)), native)
 
 
 def error_shape(value: Any) -> Any:

@@ -40,6 +40,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.routing import Route
 
+from infercore.proto.inference import open_inference_v2_pb2 as oip_pb
 from infercore.proto.v1 import inference_pb2 as pb
 from infercore.server.app import create_app
 from infercore.server.config import ServerConfig
@@ -59,7 +60,9 @@ FUZZ = settings(
 HTTP_TIMEOUT_S = 60.0
 RPC_TIMEOUT_S = 60.0
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD")
-SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
+# Every gRPC inference service: infercore.v1 and the Open Inference Protocol's.
+SERVICES = (pb.DESCRIPTOR.services_by_name["InferenceService"],
+            oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"])
 BAD_GRPC_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS,
                   grpc.StatusCode.UNIMPLEMENTED}
 # Values a path parameter is filled with besides arbitrary text: what the routes expect.
@@ -303,8 +306,9 @@ def field_values(field: FieldDescriptor, depth: int) -> st.SearchStrategy:
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         return messages(field.message_type, depth + 1)
     if field.type == FieldDescriptor.TYPE_STRING:
-        if field.name in ("model", "prompt_name", "task"):
-            return st.sampled_from(["", *MODELS, "query", "passage", "retrieval.query"]) | proto_texts
+        if field.name in ("model", "prompt_name", "task", "model_name", "name", "datatype"):
+            known = ["", *MODELS, "query", "passage", "retrieval.query", "text", "documents", "BYTES", "FP32"]
+            return st.sampled_from(known) | proto_texts
         return proto_texts | st.just("")
     if field.type == FieldDescriptor.TYPE_BYTES:
         return st.binary(max_size=16)
@@ -317,6 +321,14 @@ def field_values(field: FieldDescriptor, depth: int) -> st.SearchStrategy:
     return small | st.sampled_from([low, high]) | st.integers(low, high)
 
 
+OIP_PARAMETER_NAMES = st.sampled_from(["timeout", "dimensions", "normalize", "truncate", "top_k", "min_weight",
+                                       "raw_scores", "priority", "binary_data_output", "binary_data_size"])
+
+
+def _is_map(field: FieldDescriptor) -> bool:
+    return field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry
+
+
 def messages(descriptor, depth: int = 0) -> st.SearchStrategy:
     """Messages of ``descriptor`` with any subset of fields set to any values of their types."""
     cls = message_factory.GetMessageClass(descriptor)
@@ -324,6 +336,11 @@ def messages(descriptor, depth: int = 0) -> st.SearchStrategy:
         return st.builds(cls)
     fields = {}
     for field in descriptor.fields:
+        if _is_map(field):  # the Open Inference Protocol's parameters: name → InferParameter
+            value_field = field.message_type.fields_by_name["value"]
+            fields[field.name] = st.dictionaries(OIP_PARAMETER_NAMES | proto_texts, field_values(value_field, depth),
+                                                 max_size=3)
+            continue
         values = field_values(field, depth)
         fields[field.name] = st.lists(values, max_size=4) if field.is_repeated else values
 
@@ -334,7 +351,10 @@ def messages(descriptor, depth: int = 0) -> st.SearchStrategy:
         for name in chosen:
             field = descriptor.fields_by_name[name]
             value = draw(fields[name])
-            if field.is_repeated and field.type == FieldDescriptor.TYPE_MESSAGE:
+            if _is_map(field):
+                for key, item in value.items():
+                    getattr(message, name)[key].CopyFrom(item)
+            elif field.is_repeated and field.type == FieldDescriptor.TYPE_MESSAGE:
                 for item in value:
                     getattr(message, name).add().CopyFrom(item)
             elif field.is_repeated:
@@ -365,13 +385,15 @@ def check_slot_error(error: pb.RequestError, sets_deadline: bool) -> None:
 
 
 def sets_deadline(message: Any) -> bool:
-    return bool(getattr(message, "timeout_ms", 0))
+    """infercore.v1's timeout_ms, or the Open Inference Protocol's "timeout" parameter."""
+    return bool(getattr(message, "timeout_ms", 0)) or "timeout" in getattr(message, "parameters", {})
 
 
-@pytest.mark.parametrize("method", [m.name for m in SERVICE.methods])
-def test_every_grpc_method_survives_fuzzing(server, http, channel, method):
-    descriptor = SERVICE.methods_by_name[method]
-    path = f"/{SERVICE.full_name}/{method}"
+@pytest.mark.parametrize("path", [f"/{service.full_name}/{m.name}" for service in SERVICES for m in service.methods])
+def test_every_grpc_method_survives_fuzzing(server, http, channel, path):
+    service_name, method = path.strip("/").split("/")
+    service = next(s for s in SERVICES if s.full_name == service_name)
+    descriptor = service.methods_by_name[method]
     metadata_strategy = st.sampled_from([(("authorization", f"Bearer {API_KEY}"),)] * 3
                                         + [(), (("authorization", "Bearer nope"),)])
     raw = st.binary(max_size=48)

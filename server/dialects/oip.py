@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -309,7 +310,7 @@ def decode_bytes_elements(raw: bytes, count: int, name: str) -> list[bytes]:
 def element_count(shape: list[int], name: str) -> int:
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise MalformedRequest(f"input {name!r}: shape must be a list of non-negative integers, not {shape}")
-    return int(np.prod(shape)) if shape else 1
+    return math.prod(shape)
 
 
 def check_element_count(name: str, shape: list[int], expected: int, sent: int) -> None:
