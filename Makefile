@@ -95,6 +95,12 @@ $(VENV)/.bench-deps-done: $(TEST_STAMP)
 bench-load: $(VENV)/.bench-deps-done
 	$(PY) benchmarks/bench_load.py $(BENCH_LOAD_ARGS)
 
+.PHONY: bench-replicas
+# 1, 2 and 4 server processes on this host behind a round-robin proxy: scaling factor and per-replica
+# overhead. Shorter: make bench-replicas BENCH_REPLICAS_ARGS=--quick
+bench-replicas: setup-test
+	$(PY) benchmarks/bench_replicas.py $(BENCH_REPLICAS_ARGS)
+
 .PHONY: proto bench-grpc
 # Regenerate the gRPC stubs (infercore/proto/) from proto/infercore/v1/*.proto; tests/test_grpc_stubs.py
 # fails while the committed stubs are stale.
