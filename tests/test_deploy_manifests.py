@@ -455,3 +455,17 @@ def test_kserve_runtime_and_inference_service_fit_together():
     # KEDA in KServe wants each External metric's target as a Value (its validation webhook).
     for metric in isvc["spec"]["predictor"]["autoScaling"]["metrics"]:
         assert metric["type"] == "External" and metric["external"]["target"]["type"] == "Value"
+
+
+# ---- Ray Serve configs (the Ray side is tested in tests/test_ray_serve.py, with the extra installed) --
+
+@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config_cpu.yaml"])
+def test_ray_serve_configs_pass_valid_serve_flags(name):
+    """``serve_flags`` are ``infercore serve`` flags (argparse exits on an unknown one) and leave the
+    listeners to Ray's proxy."""
+    import shlex
+
+    raw = yaml.safe_load((ROOT / "deploy" / "ray" / name).read_text())
+    flags = shlex.split(raw["applications"][0]["args"]["serve_flags"])
+    build_parser().parse_args(["serve", *flags])
+    assert not {f for f in flags if f.startswith("--")} & {"--host", "--port", "--grpc-port", "--tls-cert"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -24,6 +25,8 @@ from infercore.ray_serve import REPLICA_HEADER, build_app  # noqa: E402
 from tests.server_process import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
 
 APP = "infercore"
 TEXTS = ["the first replica", "the second replica", "a longer text about " + "replicas " * 20]
@@ -153,3 +156,30 @@ def test_a_replica_killed_under_load_loses_no_accepted_request_and_comes_back(ra
     # Ray Serve does not re-send a request whose replica died under it: the client gets an error
     # answer and re-sends (embedding requests are pure functions, so that is safe). On record:
     print(f"\n{len(outcomes)} requests; error answers re-sent by the client: {sorted(error_answers)}")
+
+
+@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config_cpu.yaml"])
+def test_the_serve_configs_are_valid_ray_serve_configs(name):
+    """The deploy/ray configs parse as Ray Serve deploy configs, name only options Ray knows, point at
+    build_app and at this deployment, and their flags build an engine config."""
+    import yaml
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import DeploymentSchema, ServeDeploySchema
+
+    from infercore.ray_serve import InfercoreReplica, server_config
+
+    raw = yaml.safe_load((ROOT / "deploy" / "ray" / name).read_text())
+    ServeDeploySchema.model_validate(raw)  # types and values
+    [application] = raw["applications"]
+    assert application["import_path"] == "infercore.ray_serve:build_app"
+    [deployment] = application["deployments"]
+    assert deployment["name"] == InfercoreReplica.name
+    # Ray's schema lets unknown keys through; a misspelt option would silently do nothing.
+    assert set(deployment) <= set(DeploymentSchema.model_fields), set(deployment) - set(DeploymentSchema.model_fields)
+    assert set(deployment["autoscaling_config"]) <= set(AutoscalingConfig.model_fields)
+    config = server_config(application["args"]["serve_flags"])
+    gpu = deployment["ray_actor_options"].get("num_gpus", 0)
+    assert config.device == ("cuda" if gpu else "cpu")
+    if not gpu:
+        # one single-threaded executor per reserved CPU
+        assert config.cpu_workers == deployment["ray_actor_options"]["num_cpus"]
