@@ -19,9 +19,12 @@ resident memory per replica, and
   depend on that, and its drop with N is the real cost of a replica;
 - memory per replica: resident set of each idle-warm process (weights, torch, tokenizer).
 
-A 1-replica phase without the proxy runs first, so the proxy's own cost is on record too.
+A 1-replica phase without the proxy runs first, so the proxy's own cost is on record too. With
+``--ray`` the same phases run against Ray Serve (1 and 2 replicas, through Ray's HTTP proxy); their
+scaling factor is against the 1-process phase behind the proxy.
 
     python benchmarks/bench_replicas.py [--quick]     (make bench-replicas)
+    .venv-ray/bin/python benchmarks/bench_replicas.py --ray      (after make test-ray)
 
 Writes benchmarks/results/bench_replicas.json.
 """
@@ -52,6 +55,7 @@ from tests.tiny_checkpoints import minilm_dir  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 PASSAGES_PER_REQUEST = 16
 REPLICA_COUNTS = (1, 2, 4)
+RAY_REPLICA_COUNTS = (1, 2)
 MODEL_MAX_TOKENS = 256  # all-MiniLM-L6-v2's sentence-transformers max_seq_length
 READY_TIMEOUT_S = 600.0
 CALL_TIMEOUT_S = 120.0
@@ -64,8 +68,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, help="seconds left out at the start of a phase (default 10, quick 4)")
     parser.add_argument("--concurrency", type=int, default=8, help="closed-loop clients (default 8)")
     parser.add_argument("--workers", type=int, default=1, help="load generator processes (default 1)")
-    parser.add_argument("--replicas", type=int, nargs="+", default=list(REPLICA_COUNTS))
+    parser.add_argument("--replicas", type=int, nargs="*", default=list(REPLICA_COUNTS))
+    parser.add_argument("--ray", type=int, nargs="*", metavar="N",
+                        help="also Ray Serve with these replica counts (default 1 2 when given bare; needs the "
+                             "`ray` extra: run with .venv-ray/bin/python, see make test-ray)")
     args = parser.parse_args()
+    if args.ray == []:
+        args.ray = list(RAY_REPLICA_COUNTS)
     args.duration = args.duration or (20.0 if args.quick else 60.0)
     args.warmup = args.warmup if args.warmup is not None else (4.0 if args.quick else 10.0)
     return args
@@ -157,19 +166,77 @@ def measure(replicas: int, args, tokens: list[int], direct: bool = False) -> dic
 
 def print_table(phases: list[dict]) -> None:
     print()
-    header = (f"{'replicas':<14} {'inputs/s':>9} {'tokens/s':>9} {'scaling':>8} {'overhead/added':>15} "
+    header = (f"{'replicas':<15} {'inputs/s':>9} {'tokens/s':>9} {'scaling':>8} {'overhead/added':>15} "
               f"{'tokens/CPU-s':>12} {'p50 ms':>8} {'p99 ms':>8} {'RSS MiB/replica':>16}  statuses")
     print(header)
     print("-" * len(header))
     for p in phases:
-        label = f"{p['replicas']} (no proxy)" if p["direct"] else str(p["replicas"])
+        suffix = " (no proxy)" if p["direct"] else " (Ray Serve)" if p.get("ray") else ""
+        label = f"{p['replicas']}{suffix}"
         scaling = "" if p["scaling_factor"] is None else f"{p['scaling_factor']:.2f}x"
         overhead = p["throughput_overhead_per_added_replica"]
         overhead_text = "" if overhead is None else f"{overhead * 100:.1f} %"
-        print(f"{label:<14} {p['inputs_per_s']:9.1f} {p['tokens_per_s']:9.0f} {scaling:>8} {overhead_text:>15} "
+        print(f"{label:<15} {p['inputs_per_s']:9.1f} {p['tokens_per_s']:9.0f} {scaling:>8} {overhead_text:>15} "
               f"{p['tokens_per_server_cpu_s'] or 0:12.0f} {p['p50_ms'] or 0:8.0f} {p['p99_ms'] or 0:8.0f} "
               f"{p['rss_mib_per_replica']:16.0f}  "
               f"{json.dumps(p['statuses'])}")
+
+
+def serve_actor_pids() -> dict[int, str]:
+    """pid → process title of the Ray Serve actors (replicas, proxy, controller) this process started
+    (descendants of it only, so another Ray instance on the machine is left out)."""
+    me = os.getpid()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            if not title.startswith(("ray::ServeReplica", "ray::ProxyActor", "ray::ServeController")):
+                continue
+            pid = int(entry.name)
+            ancestor = pid
+            while ancestor > 1 and ancestor != me:
+                ancestor = int((Path("/proc") / str(ancestor) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+        if ancestor == me:
+            found[pid] = title
+    return found
+
+
+def measure_ray(replicas: int, args, tokens: list[int]) -> dict:
+    """The same phase against Ray Serve (infercore/ray_serve.py) on a local Ray instance: ``replicas``
+    replicas with the cores split as for the processes, requests through Ray's HTTP proxy. The CPU
+    counted is every Serve actor's (replicas, proxy, controller): Ray's proxy is part of the cost."""
+    import shlex
+
+    import ray
+    from ray import serve
+
+    from infercore.ray_serve import build_app
+
+    cores = os.cpu_count() or 1
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    try:
+        port = peers.free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = build_app({
+            "serve_flags": shlex.join(replica_args(replicas)),
+            "options": {"num_replicas": replicas, "autoscaling_config": None,
+                        "ray_actor_options": {"num_cpus": cores / replicas}},
+        })
+        serve.run(app, name="infercore", route_prefix="/")
+        actors = serve_actor_pids()
+        replica_pids = [pid for pid, title in actors.items() if title.startswith("ray::ServeReplica")]
+        assert len(replica_pids) == replicas, actors
+        phase = run_phase(port, args, tokens, list(actors))
+        rss = [peers.rss_bytes(pid) or 0 for pid in replica_pids]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return {"replicas": replicas, "direct": False, "ray": True, "rss_mib_per_replica": statistics.fmean(rss) / 2**20,
+            "answered_per_replica": None, **phase}
 
 
 def main() -> int:
@@ -184,8 +251,12 @@ def main() -> int:
         log(f"{replicas} replica(s) behind the proxy: {phase['inputs_per_s']:.1f} inputs/s, "
             f"answered per replica {phase['answered_per_replica']}, statuses {phase['statuses']}")
         phases.append(phase)
+    for replicas in args.ray or ():
+        phase = measure_ray(replicas, args, tokens)
+        log(f"Ray Serve, {replicas} replica(s): {phase['inputs_per_s']:.1f} inputs/s, statuses {phase['statuses']}")
+        phases.append(phase)
 
-    base = next((p for p in phases if p["replicas"] == 1 and not p["direct"]), None)
+    base = next((p for p in phases if p["replicas"] == 1 and not p["direct"] and not p.get("ray")), None)
     for p in phases:
         measured = base and base["inputs_per_s"] and not p["direct"]
         scaling = p["inputs_per_s"] / base["inputs_per_s"] if measured else None
