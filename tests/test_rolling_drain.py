@@ -93,4 +93,6 @@ def test_sigterm_to_one_of_two_replicas_under_load_fails_no_request(tiny_bert_di
     assert not old.killed
     # The drain was crossed: the proxy met the draining or exited replica and re-sent.
     assert resent.get("503", 0) + resent.get("refused", 0) > 0, (resent, answered)
-    assert answered[old.url] >= ANSWERS_BEFORE_SIGNAL and answered[other.url] > answered[old.url] / 2
+    # Both were in the rotation before the signal; afterwards the other one took all the load.
+    assert answered[old.url] >= ANSWERS_BEFORE_SIGNAL
+    assert answered[other.url] >= ANSWERS_BEFORE_SIGNAL + ANSWERS_AFTER_EXIT
