@@ -111,6 +111,22 @@ $(VENV)/.bench-deps-done: $(TEST_STAMP)
 bench-load: $(VENV)/.bench-deps-done
 	$(PY) benchmarks/bench_load.py $(BENCH_LOAD_ARGS)
 
+.PHONY: bench-replicas
+# 1, 2 and 4 server processes on this host behind a round-robin proxy: scaling factor and per-replica
+# overhead. Shorter: make bench-replicas BENCH_REPLICAS_ARGS=--quick
+bench-replicas: setup-test
+	$(PY) benchmarks/bench_replicas.py $(BENCH_REPLICAS_ARGS)
+
+.PHONY: test-ray
+# Ray Serve (the optional extra `ray`, outside the locks' default set): .venv-ray holds the CPU lock's
+# packages plus ray[serve]; runs tests/test_ray_serve.py there (a local Ray instance, two CPU replicas).
+RAY_VENV := .venv-ray
+test-ray:
+	test -x $(RAY_VENV)/bin/python || $(PYTHON) -m venv $(RAY_VENV)
+	$(RAY_VENV)/bin/python -m pip install --disable-pip-version-check -q -c $(LOCK) '$(TORCH_SPEC)'
+	$(RAY_VENV)/bin/python -m pip install --disable-pip-version-check -q -c $(LOCK) -e '.[starter,test,ray]'
+	$(RAY_VENV)/bin/python -m pytest tests/test_ray_serve.py $(PYTEST_ARGS)
+
 .PHONY: proto bench-grpc
 # Regenerate the gRPC stubs (infercore/proto/) from proto/infercore/v1/*.proto; tests/test_grpc_stubs.py
 # fails while the committed stubs are stale.
