@@ -59,7 +59,7 @@ from .errors import (
     ValidationError,
 )
 from .executor import ItemResult, ModelExecutor
-from .image_input import PixelBudget, check_request_bytes, fetch_image, image_error
+from .image_input import PixelBudget, RequestBytes, encoded_size, fetch_image, image_error
 from .info import ModelInfo, ServerInfo, ServerLimits, describe_bi_encoder, describe_model
 from .metrics import Metrics
 from .reranking import BiEncoderReranker, strategy_for
@@ -434,7 +434,6 @@ class Engine:
         truncate = self.config.auto_truncate if request.truncate is None else request.truncate
         text_at = [i for i, x in enumerate(inputs) if isinstance(x, str)]
         image_at = [i for i, x in enumerate(inputs) if isinstance(x, ImageInput)]
-        check_request_bytes([inputs[i] for i in image_at], self.config.max_image_request_bytes)
         tokenizing = self._tokenize(model, [inputs[i] for i in text_at], truncate, request.truncate_left) \
             if text_at else _nothing()
         decoding = self._prepare_images(model, [(i, inputs[i]) for i in image_at], until)
@@ -477,11 +476,14 @@ class Engine:
         image's decoding is awaited, even after one failed, so none is left holding the budget."""
         processor = model.image_processor
         max_bytes = processor.limits.max_bytes
+        request_bytes = RequestBytes(self.config.max_image_request_bytes)
+        request_bytes.add(sum(encoded_size(image) for _, image in images))
 
         async def one(index: int, image: ImageInput) -> PreparedImage:
             data = image.data
             if image.is_url:
                 data = await fetch_image(data, self.config.image_url_hosts, max_bytes, self.config.image_url_timeout_s)
+                request_bytes.add(len(data))
 
             def decode() -> PreparedImage:
                 return preprocess_image(data, processor, lambda pixels: self._pixels.reserve(pixels, deadline))

@@ -1,8 +1,9 @@
 """The request side of image input: what the engine does between a canonical ``ImageInput`` and
 the ``PreparedImage`` it queues (models/images.py does the decoding itself).
 
-- Bytes per request: every image's encoded size (judged from the base64 length before decoding)
-  counts against ``--max-image-request-bytes`` (413 beyond it); each image also has its own limit.
+- Bytes per request: every image's encoded size (judged from the base64 length before decoding,
+  and each fetched URL's body) counts against ``--max-image-request-bytes`` (413 beyond it); each
+  image also has its own limit.
 - Decoded pixels: ``PixelBudget`` bounds the pixels that the decoding threads hold at once (the
   images' width × height, read from their headers before any pixel is decoded). An image waits for
   room until its request's deadline; an image larger than the whole budget is refused with 413.
@@ -78,13 +79,21 @@ def encoded_size(image: ImageInput) -> int:
     return len(payload) * 3 // 4
 
 
-def check_request_bytes(images: list[ImageInput], limit: int) -> None:
-    total = sum(encoded_size(image) for image in images)
-    if total > limit:
-        raise PayloadTooLarge(
-            f"the request's images are {total} bytes, more than the limit of {limit} bytes per request "
-            "(--max-image-request-bytes)"
-        )
+class RequestBytes:
+    """The encoded image bytes of one request, counted as they become known (base64 lengths first,
+    then each fetched URL's body): PayloadTooLarge once they pass ``limit``."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.total = 0
+
+    def add(self, size: int) -> None:
+        self.total += size
+        if self.total > self.limit:
+            raise PayloadTooLarge(
+                f"the request's images are more than the limit of {self.limit} bytes per request "
+                "(--max-image-request-bytes)"
+            )
 
 
 def allowed_url(url: str, hosts: tuple[str, ...]) -> urllib.parse.SplitResult:

@@ -16,6 +16,7 @@ import socketserver
 import struct
 import threading
 import time
+import types
 import zlib
 
 import grpc
@@ -29,12 +30,14 @@ from infercore.client import Image as ClientImage
 from infercore.models.embedding import EmbedOptions
 from infercore.models.images import preprocess_image
 from infercore.models.repository import ModelSource
+from infercore.models.tokenizer import TokenizedInput
 from infercore.proto.v1 import inference_pb2 as pb
 from infercore.proto.v1 import inference_pb2_grpc as pb_grpc
 from infercore.server.config import ServerConfig
 from infercore.server.engine import Engine
 from infercore.server.errors import DeadlineExceeded, PayloadTooLarge, ValidationError
 from infercore.server.image_input import PixelBudget, fetch_image
+from infercore.server.scheduler import TokenBudgetScheduler, WorkItem
 from tests.engine_harness import InProcessServer
 from tests.test_grpc import LoopServer
 from tests.tiny_jina import build_jina_clip_v2
@@ -234,6 +237,55 @@ def test_models_say_whether_they_take_images(served, http_client, stub):
     assert endpoints[f".{TEXT_ONLY}"]["task_types"] == {"eis": "embed/text/dense", "elasticsearch": "text_embedding"}
 
 
+# ---- scheduling and execution ------------------------------------------------------------------------
+
+
+def test_images_are_batched_by_their_patch_tokens_inside_the_token_budget():
+    loop = asyncio.new_event_loop()
+    try:
+        def item(name: str, text_tokens: int = 0, image_tokens: int = 0) -> WorkItem:
+            tokens = TokenizedInput(list(range(text_tokens)), [0] * text_tokens, False) if text_tokens else None
+            image = types.SimpleNamespace(tokens=image_tokens) if image_tokens else None
+            return WorkItem(tokens=tokens, options=name, future=loop.create_future(), loop=loop, enqueued_at=0.0,
+                            image=image)
+
+        scheduler = TokenBudgetScheduler(max_batch_tokens=40)
+        scheduler.submit([item("image a", image_tokens=17), item("image b", image_tokens=17),
+                          item("text", text_tokens=5), item("image c", image_tokens=17)])
+        assert scheduler.queued_tokens == 56
+        first = scheduler.next_batch(timeout_s=0.1)
+        assert [i.options for i in first] == ["image a", "image b", "text"]  # 39 tokens; the next image is over
+        assert [i.options for i in scheduler.next_batch(timeout_s=0.1)] == ["image c"]
+    finally:
+        loop.close()
+
+
+def test_a_batch_mixing_texts_and_images_answers_each_input_in_order(served):
+    handle = served.engine.models[CLIP]
+    model, executor = handle.model, handle.executors[0]
+    loop = asyncio.new_event_loop()
+    try:
+        text_options = model.runner.default_options()
+        image_options = EmbedOptions(normalize=True)
+
+        def item(payload) -> WorkItem:
+            is_image = not isinstance(payload, TokenizedInput)
+            return WorkItem(tokens=None if is_image else payload, image=payload if is_image else None,
+                            options=image_options if is_image else text_options, future=loop.create_future(),
+                            loop=loop, enqueued_at=0.0)
+
+        texts = model.tokenizer.encode_batch(["a red boat", "the harbour at night, lit by lanterns"], truncate=True)
+        images = [preprocess_image(data, model.image_processor) for data in (PHOTO, OTHER)]
+        mixed = executor._compute([item(images[0]), item(texts[0]), item(images[1]), item(texts[1])])
+        text_alone = executor._compute([item(t) for t in texts])
+        image_alone = executor._compute([item(i) for i in images])
+    finally:
+        loop.close()
+    for got, want in zip(mixed, [image_alone[0], text_alone[0], image_alone[1], text_alone[1]]):
+        np.testing.assert_allclose(got, want, atol=2e-6)
+    np.testing.assert_allclose(image_alone[0], reference(served.engine, PHOTO), atol=2e-6)
+
+
 # ---- hostile input ----------------------------------------------------------------------------------
 
 HOSTILE = {
@@ -390,7 +442,8 @@ def image_host():
 @pytest.fixture(scope="module")
 def url_server(clip_dir):
     config = ServerConfig(models=[ModelSource(CLIP, clip_dir)], cpu_workers=1, tokenization_workers=1,
-                          image_url_hosts=("127.0.0.1",), image_url_timeout_s=5.0)
+                          image_url_hosts=("127.0.0.1",), image_url_timeout_s=5.0,
+                          max_image_request_bytes=len(PHOTO) + 100)
     engine = Engine(config)
     engine.load()
     server = InProcessServer(engine).start()
@@ -408,6 +461,9 @@ def test_image_urls_are_fetched_only_from_allowed_hosts(served, url_server, imag
         for path, words in (("/other-host-redirect", "another host"), ("/missing", "HTTP 404")):
             response = client.post("/embed", json={"inputs": [{"image": image_host + path}], "model": CLIP})
             assert response.status_code == 422 and words in response.json()["error"], path
+        # A fetched body counts against the request's image bytes like base64 does.
+        twice = client.post("/embed", json={"inputs": [{"image": image_host + "/photo.png"}] * 2, "model": CLIP})
+        assert twice.status_code == 413 and "--max-image-request-bytes" in twice.json()["error"]
         port = image_host.rsplit(":", 1)[1]
         response = client.post("/embed", json={"inputs": [{"image": f"http://localhost:{port}/photo.png"}]})
         assert response.status_code == 422 and "'localhost'" in response.json()["error"]

@@ -118,7 +118,9 @@ def routes(engine: Engine) -> list[Route]:
         model = engine.info().find(inference_id)
         if model is None:
             raise ModelNotFound(f"Inference endpoint not found [{inference_id}]")
-        if model.task != task_type:
+        # The multimodal task is served by the text-embedding models (images by those that take them).
+        served_as = "text_embedding" if task_type == EMBEDDING_TASK else task_type
+        if model.task != served_as:
             raise ValidationError(
                 f"Incompatible task_type, the requested type [{task_type}] does not match the model type [{model.task}]"
             )
@@ -128,7 +130,7 @@ def routes(engine: Engine) -> list[Route]:
         task_type = request.path_params["task_type"]
         inference_id = request.path_params["inference_id"]
         if task_type == EMBEDDING_TASK:
-            return await embedding(request, resolve("text_embedding", inference_id))
+            return await embedding(request, resolve(EMBEDDING_TASK, inference_id))
         if task_type not in TASKS:
             served = ", ".join((*TASKS, EMBEDDING_TASK))
             raise ValidationError(f"task_type [{task_type}] is not served here (served: {served})")
