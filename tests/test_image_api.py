@@ -316,6 +316,13 @@ def test_hostile_images_get_a_4xx_in_every_dialect_and_the_server_stays_healthy(
     with pytest.raises(grpc.RpcError) as raised:
         stub.Embed(pb.EmbedRequest(items=[pb.EmbedInput(image=data)], model=CLIP), timeout=60)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # On a stream, the bad image fails its own message only.
+    answers = list(stub.EmbedStream(iter([pb.EmbedRequest(items=[pb.EmbedInput(image=data)], model=CLIP),
+                                          pb.EmbedRequest(items=[pb.EmbedInput(image=PHOTO)], model=CLIP)]),
+                                    timeout=60))
+    assert answers[0].WhichOneof("result") == "error"
+    assert answers[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert answers[1].WhichOneof("result") == "response"
     assert http_client.get("/health").status_code == 200
     assert embed_native(http_client, [{"image": b64(PHOTO)}]).shape == (1, 32)
 
@@ -513,3 +520,48 @@ def test_the_pixel_budget_makes_decodes_wait_and_refuses_what_never_fits():
                 pass
     waiter.join(5)
     assert entered.is_set() and budget.in_use == 0
+
+
+# ---- a fresh `infercore serve` with a jina-clip-v2 directory ----------------------------------------
+
+
+def test_a_served_clip_directory_answers_images_on_every_route_and_logs_none_of_them(clip_dir, tmp_path):
+    from tests.server_process import start_server
+
+    server = start_server(["--model", f"{CLIP}={clip_dir}", "--log-level", "debug"], tmp_path, "clip")
+    try:
+        with httpx.Client(base_url=server.url, timeout=60.0, trust_env=False) as client:
+            formats = {
+                "PNG": PHOTO,
+                "JPEG": OTHER,
+                "WebP": encoded(Image.open(io.BytesIO(PHOTO)), "WEBP", lossless=True),
+                "GIF": encoded(Image.open(io.BytesIO(PHOTO)).convert("P"), "GIF"),
+            }
+            for name, data in formats.items():
+                uri = data_uri(data, f"image/{name.lower()}")
+                vectors = [
+                    client.post("/embed", json={"inputs": [{"image": b64(data)}]}).json()[0],
+                    client.post("/v1/embeddings", json={"input": [{"image": uri}]}).json()["data"][0]["embedding"],
+                    client.post(f"/_inference/embedding/{CLIP}", json={
+                        "input": {"content": {"type": "image", "value": uri}}}).json()["embeddings"][0]["embedding"],
+                    client.post("/api/v1/embed/dense", json={"model": CLIP, "input": [
+                        {"content": [{"type": "image", "format": "base64", "value": uri}]}]}).json()["data"][0],
+                ]
+                for vector in vectors[1:]:
+                    np.testing.assert_allclose(vector, vectors[0], atol=2e-6, err_msg=name)
+            text, image = client.post("/embed", json={"inputs": ["a boat", {"image": b64(PHOTO)}]}).json()
+            assert len(text) == len(image) == 32
+            for name, data in HOSTILE.items():
+                response = client.post("/embed", json={"inputs": [{"image": b64(data)}]})
+                # (2000x1100 is within the default decoding budget: only the module's server is that tight)
+                assert 400 <= response.status_code < 500 or "budget" in name, name
+            assert client.get("/health").status_code == 200
+    finally:
+        server.stop()
+    log = server.log()
+    assert "DEBUG" in log
+    for data in (PHOTO, OTHER, *HOSTILE.values()):
+        encoded_text = b64(data)
+        # Pieces from the middle and the end: the start of every PNG's base64 is the same signature.
+        for piece in (encoded_text[len(encoded_text) // 2:][:20], encoded_text.rstrip("=")[-20:]):
+            assert piece not in log
