@@ -221,6 +221,8 @@ def test_a_group_of_several_items_is_the_normalised_mean_of_their_vectors(served
 
 
 def test_models_say_whether_they_take_images(served, http_client, stub):
+    info = http_client.get("/info").json()
+    assert info["max_image_request_bytes"] == MAX_IMAGE_REQUEST_BYTES and info["image_url_hosts"] == []
     models = {m["model_id"]: m for m in http_client.get("/v1/models").json()["data"]}
     assert models[CLIP]["modalities"] == ["text", "image"] and models[CLIP]["image_tokens"] == 17
     assert models[TEXT_ONLY]["modalities"] == ["text"]

@@ -223,6 +223,9 @@ def routes(engine: Engine) -> list[Route]:
                 "max_client_batch_size": limits.max_client_batch_size,
                 "auto_truncate": limits.auto_truncate,
                 "tokenization_workers": limits.tokenization_workers,
+                # image input (models whose "modalities" include "image")
+                "max_image_request_bytes": limits.max_image_request_bytes,
+                "image_url_hosts": list(limits.image_url_hosts),
                 "version": server.version,
                 # Triton kernels the start-up self-check switched off (their torch reference runs)
                 "kernels_switched_off": server.kernels_switched_off,
