@@ -1,9 +1,10 @@
 """Python client of an infercore server, over gRPC or HTTP with the same methods and results.
 
-    from infercore.client import Client, AsyncClient
+    from infercore.client import AsyncClient, Client, Image
 
     with Client("grpc://127.0.0.1:8081", api_key="KEY") as client:    # or "http://127.0.0.1:8080"
         vectors = client.embed(["what is bm25", "a passage"])         # numpy float32 [2, d]
+        client.embed([Image.from_file("boat.png"), "a red boat"], model="jina-clip-v2")  # one space
         for ids, weights in client.embed_sparse(["blood pressure"]):  # int32 / float32 arrays
             ...
         client.rerank("query", ["doc a", "doc b"])                    # [(index, score)], best first
@@ -26,6 +27,7 @@ it is one bidirectional stream that keeps up to the server's in-flight bound bus
 
 from __future__ import annotations
 
+import base64
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +43,8 @@ import numpy as np
 from infercore.proto.v1 import inference_pb2 as pb
 from infercore.proto.v1 import inference_pb2_grpc as pb_grpc
 
-__all__ = ["AsyncClient", "Client", "InferenceClientError", "ModelDescription", "ServerInfo", "SparseEmbedding"]
+__all__ = ["AsyncClient", "Client", "Image", "InferenceClientError", "ModelDescription", "ServerInfo",
+           "SparseEmbedding"]
 
 DEFAULT_TIMEOUT_S = 60.0
 # Over HTTP the server enforces the timeout; the connection waits this much longer for its answer.
@@ -100,6 +103,23 @@ class ModelDescription:
     description: str
     # The model a request of its task gets when it names none.
     is_default: bool
+    # Whether ``embed`` takes ``Image`` inputs for this model (their vectors share the text space).
+    image_input: bool = False
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image input of ``embed``: its encoded bytes (PNG, JPEG, WebP or GIF), for models that take
+    images; mixed with texts in one call, the vectors keep the inputs' order."""
+
+    data: bytes
+
+    def __repr__(self) -> str:
+        return f"Image(<{len(self.data)} bytes>)"
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Image:
+        return cls(Path(path).read_bytes())
 
 
 @dataclass(frozen=True)
@@ -135,7 +155,7 @@ def _vectors(message: pb.DenseVectors) -> np.ndarray:
 def _model_from_message(m: pb.ModelInfo) -> ModelDescription:
     task = TASK_NAMES.get(m.task, "unknown")
     return ModelDescription(m.id, task, m.dimensions if task != "rerank" else None, m.max_input_tokens,
-                            m.description, m.is_default)
+                            m.description, m.is_default, m.image_input)
 
 
 def _models_from_json(entries: list[dict]) -> list[ModelDescription]:
@@ -145,7 +165,7 @@ def _models_from_json(entries: list[dict]) -> list[ModelDescription]:
         task = e["task"]
         models.append(ModelDescription(
             e["model_id"], task, e.get("dimensions") if task != "rerank" else None, e.get("max_input_tokens") or 0,
-            e.get("description") or "", task not in seen,
+            e.get("description") or "", task not in seen, "image" in e.get("modalities", ()),
         ))
         seen.add(task)
     return models
@@ -160,14 +180,20 @@ def _lane(lane: str | None) -> int:
 
 class _GrpcCalls:
     @staticmethod
-    def embed(inputs: Sequence[str], model: str | None, normalize: bool, dimensions: int | None,
+    def embed(inputs: Sequence[str | Image], model: str | None, normalize: bool, dimensions: int | None,
               truncate: bool | None, prompt_name: str | None, task: str | None, lane: str | None,
               encoding: str) -> _Call:
         try:
             wire_encoding = ENCODINGS[encoding]
         except KeyError:
             raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}") from None
-        message = pb.EmbedRequest(inputs=list(inputs), model=model or "", lane=_lane(lane), normalize=normalize,
+        # Texts alone go in `inputs`, as before images existed; with an image, every input is an item.
+        if any(isinstance(x, Image) for x in inputs):
+            texts, items = [], [pb.EmbedInput(image=x.data) if isinstance(x, Image) else pb.EmbedInput(text=x)
+                                for x in inputs]
+        else:
+            texts, items = list(inputs), []
+        message = pb.EmbedRequest(inputs=texts, items=items, model=model or "", lane=_lane(lane), normalize=normalize,
                                   truncate=truncate, dimensions=dimensions, prompt_name=prompt_name, task=task,
                                   encoding=wire_encoding)
         return _Call([("Embed", message)], lambda answers: _vectors(answers[0].embeddings))
@@ -213,13 +239,14 @@ class _HttpCalls:
     """The native HTTP API (POST /embed, /embed_sparse, /rerank; GET /info, /v1/models)."""
 
     @staticmethod
-    def embed(inputs: Sequence[str], model: str | None, normalize: bool, dimensions: int | None,
+    def embed(inputs: Sequence[str | Image], model: str | None, normalize: bool, dimensions: int | None,
               truncate: bool | None, prompt_name: str | None, task: str | None, lane: str | None,
               encoding: str) -> _Call:
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
         _lane(lane)
-        body = {"inputs": list(inputs), "normalize": normalize, "truncate": truncate, "dimensions": dimensions,
+        wire = [{"image": base64.b64encode(x.data).decode("ascii")} if isinstance(x, Image) else x for x in inputs]
+        body = {"inputs": wire, "normalize": normalize, "truncate": truncate, "dimensions": dimensions,
                 "prompt_name": prompt_name, "task": task, "model": model, "priority": lane}
         # JSON carries float32 values exactly (as the shortest decimal of their double); the
         # encoding only shortens gRPC answers.
@@ -436,12 +463,13 @@ class Client(_Base):
                 answers.append(response.json())
         return call.parse(answers)
 
-    def embed(self, inputs: Sequence[str], *, model: str | None = None, normalize: bool = True,
+    def embed(self, inputs: Sequence[str | Image], *, model: str | None = None, normalize: bool = True,
               dimensions: int | None = None, truncate: bool | None = None, prompt_name: str | None = None,
               task: str | None = None, lane: str | None = None, encoding: str = "float32",
               timeout_s: float | None = None) -> np.ndarray:
-        """Dense vectors, float32 [len(inputs), d]. ``encoding`` (float16/bfloat16) shortens gRPC answers;
-        the values come back as float32 either way."""
+        """Dense vectors, float32 [len(inputs), d], in the inputs' order; ``Image`` inputs for models that
+        take images. ``encoding`` (float16/bfloat16) shortens gRPC answers; the values come back as
+        float32 either way."""
         call = self._calls.embed(inputs, model, normalize, dimensions, truncate, prompt_name, task, lane, encoding)
         return self._run(call, timeout_s)
 
@@ -463,7 +491,7 @@ class Client(_Base):
     def list_models(self, *, timeout_s: float | None = None) -> list[ModelDescription]:
         return self._run(self._calls.list_models(), timeout_s)
 
-    def embed_stream(self, batches: Iterable[Sequence[str]], *, timeout_s: float | None = None,
+    def embed_stream(self, batches: Iterable[Sequence[str | Image]], *, timeout_s: float | None = None,
                      **options: Any) -> Iterator[np.ndarray]:
         """One float32 array per batch, in order. gRPC: one ``EmbedStream`` (``timeout_s`` bounds the
         whole stream; None: no deadline); HTTP: one request per batch. A failed batch raises there."""
@@ -545,7 +573,7 @@ class AsyncClient(_Base):
                 answers.append(response.json())
         return call.parse(answers)
 
-    async def embed(self, inputs: Sequence[str], *, model: str | None = None, normalize: bool = True,
+    async def embed(self, inputs: Sequence[str | Image], *, model: str | None = None, normalize: bool = True,
                     dimensions: int | None = None, truncate: bool | None = None, prompt_name: str | None = None,
                     task: str | None = None, lane: str | None = None, encoding: str = "float32",
                     timeout_s: float | None = None) -> np.ndarray:
@@ -570,8 +598,8 @@ class AsyncClient(_Base):
     async def list_models(self, *, timeout_s: float | None = None) -> list[ModelDescription]:
         return await self._run(self._calls.list_models(), timeout_s)
 
-    async def embed_stream(self, batches: Iterable[Sequence[str]] | AsyncIterable[Sequence[str]], *,
-                           timeout_s: float | None = None, **options: Any) -> AsyncIterator[np.ndarray]:
+    async def embed_stream(self, batches: Iterable[Sequence[str | Image]] | AsyncIterable[Sequence[str | Image]],
+                           *, timeout_s: float | None = None, **options: Any) -> AsyncIterator[np.ndarray]:
         """As ``Client.embed_stream``; ``batches`` may be an async iterable."""
         if self.transport == "http":
             async for batch in _aiter(batches):

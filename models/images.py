@@ -37,10 +37,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import json
 import re
 import struct
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,9 +215,14 @@ def decode_base64_image(value: str, max_bytes: int) -> bytes:
         raise ImageInputError("image is not valid base64 (standard alphabet A-Z a-z 0-9 + /)") from None
 
 
-def preprocess_image(data: bytes | str, processor: ImagePreprocessor) -> PreparedImage:
+def preprocess_image(data: bytes | str, processor: ImagePreprocessor,
+                     reserve: Callable[[int], AbstractContextManager[Any]] | None = None) -> PreparedImage:
     """Encoded image bytes (or base64 / a data URI) → PreparedImage; ImageInputError for anything
-    that is not a PNG, JPEG, WebP or GIF image within ``processor.limits``."""
+    that is not a PNG, JPEG, WebP or GIF image within ``processor.limits``.
+
+    ``reserve(pixels)``, when given, is entered with the image's width × height (read from its
+    header) before any pixel is decoded and left once the pixel tensor is made: the caller's bound on
+    the pixels being decoded at once (what it raises propagates; the image is closed)."""
     limits = processor.limits
     if isinstance(data, str):
         data = decode_base64_image(data, limits.max_bytes)
@@ -224,10 +232,12 @@ def preprocess_image(data: bytes | str, processor: ImagePreprocessor) -> Prepare
         raise ImageInputError(f"image is {len(data)} bytes, more than the limit of {limits.max_bytes}")
     image = _open(data, limits)
     try:
-        rgb = _decode_rgb(image)
+        with reserve(image.width * image.height) if reserve else contextlib.nullcontext():
+            rgb = _decode_rgb(image)
+            image.close()  # the RGB copy is all that is needed from here on
+            pixels = _resize_crop_normalize(rgb, processor)
     finally:
         image.close()
-    pixels = _resize_crop_normalize(rgb, processor)
     return PreparedImage(pixels=pixels, tokens=processor.tokens_per_image, width=rgb.width, height=rgb.height,
                          format=image.format or "")
 

@@ -99,6 +99,19 @@ def _text_or_none(value: str | None, flag: str) -> str | None:
     return value or None
 
 
+def host_list(text: str | tuple[str, ...]) -> tuple[str, ...]:
+    """"a.example, b.example:8443" → ("a.example", "b.example:8443"), lower-cased; "" → ()."""
+    if isinstance(text, tuple):
+        return text
+    hosts = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    for host in hosts:
+        if "/" in host or "@" in host or " " in host:
+            raise argparse.ArgumentTypeError(
+                f"must be host names (optionally host:port), comma-separated, got {host!r}"
+            )
+    return hosts
+
+
 @dataclass
 class ServerConfig:
     """Every server setting. Constructed directly (tests, benchmarks) or by ``config_from_args``."""
@@ -162,7 +175,30 @@ class ServerConfig:
         parse=positive_int,
     )
     tokenization_workers: int = setting(
-        max(1, (os.cpu_count() or 2) - 1), "threads that tokenize requests off the event loop", parse=positive_int,
+        max(1, (os.cpu_count() or 2) - 1), "threads that tokenize requests off the event loop (and, in a pool "
+        "of their own of the same size, that decode images)", parse=positive_int,
+    )
+    # Image input (models that take images, e.g. jina-clip-v2). Each image is also bounded on its own
+    # (20 MiB encoded, 40 megapixels from its header, aspect ratio 32:1: models/images.py ImageLimits).
+    max_image_request_bytes: int = setting(
+        32 * 1024 * 1024, "encoded image bytes one request may carry, all its images together; more gets 413",
+        parse=positive_int,
+    )
+    # A decoded image holds a few bytes per pixel (the file's mode, then RGB) until it is resized to
+    # the tower's input; this bounds what all decoding threads hold at once. An image waits for room
+    # (until its request's deadline); one larger than the bound on its own gets 413.
+    max_decoding_pixels: int = setting(
+        160_000_000, "pixels (width x height, from the images' headers) being decoded at once, all requests "
+        "together", parse=positive_int,
+    )
+    image_url_hosts: tuple[str, ...] = setting(
+        (), "hosts (host or host:port, comma-separated) whose http(s) image URLs the server fetches; default: "
+        "none, image URLs are refused (fetching them would let clients make the server send requests)",
+        parse=host_list, metavar="HOSTS",
+    )
+    image_url_timeout_s: float = setting(
+        10.0, "seconds one image URL may take to fetch (connect and read together)", name="image-url-timeout",
+        parse=float, check=_positive_seconds,
     )
     # CPU models run data-parallel: this many main executors per model, each with ``cpu_threads``
     # intra-op threads. On the 2-core machine, two single-threaded workers gave 1.1x the batch

@@ -16,24 +16,30 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from .. import __version__
 from ..kernels import triton_support
 from ..models.checkpoint import CheckpointError
 from ..models.devices import resolve_devices
 from ..models.embedding import EmbedOptions
+from ..models.images import ImageInputError, PreparedImage, preprocess_image
 from ..models.loader import ServedModel, load_model
 from ..models.repository import resolve_sources
 from ..models.sparse import SparseOptions
 from ..models.tokenizer import InputTooLong, Token, TokenizedInput
 from .canonical import (
     DecodeRequest,
+    EmbedInput,
     EmbedRequest,
     EmbedResult,
+    ImageInput,
+    InputGroup,
     Ranked,
     RerankRequest,
     RerankResult,
@@ -53,12 +59,14 @@ from .errors import (
     ValidationError,
 )
 from .executor import ItemResult, ModelExecutor
+from .image_input import PixelBudget, RequestBytes, encoded_size, fetch_image, image_error
 from .info import ModelInfo, ServerInfo, ServerLimits, describe_bi_encoder, describe_model
 from .metrics import Metrics
 from .reranking import BiEncoderReranker, strategy_for
 from .scheduler import LANES, TokenBudgetScheduler, WorkItem
 from .validation import (
     check_dimensions,
+    check_embed_inputs,
     check_inputs,
     check_priority,
     check_rerank_request,
@@ -121,6 +129,10 @@ class Engine:
         # Requests between admission and their answer (tokenizing, queued or computing).
         self.admitted = 0
         self._tokenizer_pool = ThreadPoolExecutor(config.tokenization_workers, thread_name_prefix="tokenize")
+        # Images decode on a pool of their own: a decode waiting for room in the pixel budget must not
+        # hold up the tokenization of text requests.
+        self._image_pool = ThreadPoolExecutor(config.tokenization_workers, thread_name_prefix="decode-image")
+        self._pixels = PixelBudget(config.max_decoding_pixels)
         self.metrics.watch_queues(self._queue_depths)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -174,6 +186,8 @@ class Engine:
             request_timeout_s=config.request_timeout_s,
             tokenization_workers=config.tokenization_workers,
             grpc_stream_max_in_flight=config.grpc_stream_max_in_flight,
+            max_image_request_bytes=config.max_image_request_bytes,
+            image_url_hosts=config.image_url_hosts,
         )
         return ServerInfo(__version__, BACKEND, tuple(models), limits, dict(triton_support.disabled()))
 
@@ -241,6 +255,7 @@ class Engine:
             for executor in handle.executors:
                 executor.join(timeout_s=60)
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        self._image_pool.shutdown(wait=False, cancel_futures=True)
         self.state = "stopped"
 
     def _queue_depths(self) -> Iterator[tuple[str, str, int, int]]:
@@ -309,11 +324,13 @@ class Engine:
     # ---- pipeline --------------------------------------------------------------------------
 
     @staticmethod
-    def _lane(priority: str | None, tokenized: list[TokenizedInput]) -> str:
-        """The request's lane, or by default: search for one short input, ingest otherwise."""
+    def _lane(priority: str | None, tokenized: list[TokenizedInput | PreparedImage]) -> str:
+        """The request's lane, or by default: search for one short text, ingest otherwise (an image
+        costs far more than a short query)."""
         if priority is not None:
             return priority
-        if len(tokenized) == 1 and len(tokenized[0]) <= SEARCH_LANE_MAX_TOKENS:
+        if len(tokenized) == 1 and isinstance(tokenized[0], TokenizedInput) \
+                and len(tokenized[0]) <= SEARCH_LANE_MAX_TOKENS:
             return "search"
         return "ingest"
 
@@ -328,9 +345,11 @@ class Engine:
             raise PayloadTooLarge(str(exc)) from None
 
     async def compute(
-        self, handle: ModelHandle, tokenized: list[TokenizedInput], options: list, lane: str, deadline: float
+        self, handle: ModelHandle, tokenized: list[TokenizedInput | PreparedImage], options: list, lane: str,
+        deadline: float,
     ) -> list[ItemResult]:
-        """Queue one item per input and wait for all of them, at most until ``deadline``.
+        """Queue one item per input (a text's tokens or a prepared image) and wait for all of them, at
+        most until ``deadline``.
 
         Cancellation (the client went away) and timeouts cancel the item futures, which makes the
         scheduler drop whatever has not started computing.
@@ -340,8 +359,9 @@ class Engine:
         if deadline <= now:
             raise DeadlineExceeded("the request's deadline passed before its inputs could be queued")
         items = [
-            WorkItem(tokens=t, options=o, future=loop.create_future(), loop=loop, enqueued_at=now,
-                     deadline=deadline, lane=lane)
+            WorkItem(tokens=None if isinstance(t, PreparedImage) else t, options=o, future=loop.create_future(),
+                     loop=loop, enqueued_at=now, deadline=deadline, lane=lane,
+                     image=t if isinstance(t, PreparedImage) else None)
             for t, o in zip(tokenized, options)
         ]
         try:
@@ -360,24 +380,124 @@ class Engine:
             ) from None
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """One vector per input, in order: texts (with the prompt and task), images (models with an
+        image tower) and groups of both (``InputGroup``: the normalised mean of the items' vectors)."""
         started = time.perf_counter()
         with self.admission():
             handle = self.resolve(request.model, "text_embedding")
             model = handle.model
-            check_inputs(request.inputs, self.config.max_client_batch_size)
+            flat, groups = _flatten(request.inputs)
+            check_embed_inputs(request.inputs, flat, self.config.max_client_batch_size)
             check_dimensions(request, model)
+            if model.images is None:
+                first = next((i for i, x in enumerate(request.inputs) if _has_image(x)), None)
+                if first is not None:
+                    raise ValidationError(
+                        f"model {model.id!r} takes text only and cannot embed images (input {first} holds an image)"
+                    )
             prompt_name, prompt = resolve_prompt(model, request.prompt_name)
             task, instruction = resolve_task(model, request.task)
             prefix = instruction + prompt
-            texts = [prefix + text for text in request.inputs] if prefix else request.inputs
-            options = EmbedOptions(
-                normalize=request.normalize,
-                dimensions=request.dimensions,
-                skip_leading=model.prompt_skip_tokens(prompt_name),
-                task=task,
-            )
-            return await self._run(handle, texts, options, request.truncate, request.truncate_left,
-                                   request.priority, request.timeout_s, started)
+            if all(isinstance(x, str) for x in request.inputs):
+                texts = [prefix + text for text in request.inputs] if prefix else request.inputs
+                options = EmbedOptions(
+                    normalize=request.normalize,
+                    dimensions=request.dimensions,
+                    skip_leading=model.prompt_skip_tokens(prompt_name),
+                    task=task,
+                )
+                return await self._run(handle, texts, options, request.truncate, request.truncate_left,
+                                       request.priority, request.timeout_s, started)
+            # Items of a group of several are normalised before their mean (canonical.InputGroup).
+            grouped = {i for start, count in groups if count > 1 for i in range(start, start + count)}
+            text_options = [
+                EmbedOptions(normalize=request.normalize or i in grouped, dimensions=request.dimensions,
+                             skip_leading=model.prompt_skip_tokens(prompt_name), task=task)
+                for i in range(len(flat))
+            ]
+            image_options = [
+                EmbedOptions(normalize=request.normalize or i in grouped, dimensions=request.dimensions)
+                for i in range(len(flat))
+            ]
+            inputs = [prefix + x if isinstance(x, str) and prefix else x for x in flat]
+            options = [image_options[i] if isinstance(x, ImageInput) else text_options[i] for i, x in enumerate(flat)]
+            result = await self._run_mixed(handle, inputs, options, request, started)
+            return _combine_groups(result, groups, request.normalize)
+
+    async def _run_mixed(self, handle: ModelHandle, inputs: list[str | ImageInput], options: list[EmbedOptions],
+                         request: EmbedRequest, started: float) -> EmbedResult:
+        """``_run`` for a request holding images: texts tokenized and images decoded off the loop
+        (concurrently), then every input queued at once, in order."""
+        model = handle.model
+        until = request_deadline(request.timeout_s, self.config.request_timeout_s, started)
+        check_priority(request.priority)
+        truncate = self.config.auto_truncate if request.truncate is None else request.truncate
+        text_at = [i for i, x in enumerate(inputs) if isinstance(x, str)]
+        image_at = [i for i, x in enumerate(inputs) if isinstance(x, ImageInput)]
+        tokenizing = self._tokenize(model, [inputs[i] for i in text_at], truncate, request.truncate_left) \
+            if text_at else _nothing()
+        decoding = self._prepare_images(model, [(i, inputs[i]) for i in image_at], until)
+        tokenized, prepared = await _both(tokenizing, decoding)
+        prepared_at = time.perf_counter()
+        payloads: list[TokenizedInput | PreparedImage] = [None] * len(inputs)  # type: ignore[list-item]
+        for i, t in zip(text_at, tokenized):
+            payloads[i] = t
+        for i, image in zip(image_at, prepared):
+            payloads[i] = image
+        lane = self._lane(request.priority, payloads)
+        results = await self.compute(handle, payloads, options, lane, until)
+
+        tokens = sum(len(p) if isinstance(p, TokenizedInput) else p.tokens for p in payloads)
+        timings = Timings(
+            tokenization_s=prepared_at - started,
+            queue_s=max(r.queue_s for r in results),
+            inference_s=max(r.inference_s for r in results),
+            total_s=time.perf_counter() - started,
+        )
+        self.metrics.observe_inference(
+            model.id, lane, len(results), tokens, timings.tokenization_s, timings.queue_s, timings.inference_s
+        )
+        log.debug("embedded %d texts and %d images (%s) with model %s", len(text_at), len(image_at),
+                  ", ".join(f"{p.format} {p.width}x{p.height}" for p in prepared), model.id)
+        return EmbedResult(
+            model=model.id,
+            vectors=[r.value for r in results],
+            input_tokens=tokens,
+            input_chars=sum(len(inputs[i]) for i in text_at),
+            truncated=[isinstance(p, TokenizedInput) and p.truncated for p in payloads],
+            lane=lane,
+            timings=timings,
+        )
+
+    async def _prepare_images(self, model: ServedModel, images: list[tuple[int, ImageInput]],
+                              deadline: float) -> list[PreparedImage]:
+        """Each image fetched (allowed URLs only) and decoded on the image pool, bounded by the pixel
+        budget; the first problem fails the request (422 naming the input, 413 for sizes). Every
+        image's decoding is awaited, even after one failed, so none is left holding the budget."""
+        processor = model.image_processor
+        max_bytes = processor.limits.max_bytes
+        request_bytes = RequestBytes(self.config.max_image_request_bytes)
+        request_bytes.add(sum(encoded_size(image) for _, image in images))
+
+        async def one(index: int, image: ImageInput) -> PreparedImage:
+            data = image.data
+            if image.is_url:
+                data = await fetch_image(data, self.config.image_url_hosts, max_bytes, self.config.image_url_timeout_s)
+                request_bytes.add(len(data))
+
+            def decode() -> PreparedImage:
+                return preprocess_image(data, processor, lambda pixels: self._pixels.reserve(pixels, deadline))
+
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._image_pool, decode)
+            except ImageInputError as exc:
+                raise image_error(index, exc) from None
+
+        outcomes = await asyncio.gather(*(one(i, image) for i, image in images), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return list(outcomes)
 
     async def embed_sparse(self, request: SparseEmbedRequest) -> EmbedResult:
         """Term ids and weights per input, heaviest first (``SparseVector``s in ``vectors``), and with
@@ -545,6 +665,57 @@ class Engine:
             log.warning("health probe of model %s on %s failed", replica.id, replica.device, exc_info=True)
             return False
         return True
+
+
+def _flatten(inputs: list[EmbedInput]) -> tuple[list[str | ImageInput], list[tuple[int, int]]]:
+    """Every text and image of a request in order, and per request input its (start, count) in them."""
+    flat: list[str | ImageInput] = []
+    groups = []
+    for item in inputs:
+        members = item.items if isinstance(item, InputGroup) else (item,)
+        groups.append((len(flat), len(members)))
+        flat.extend(members)
+    return flat, groups
+
+
+def _has_image(item: EmbedInput) -> bool:
+    if isinstance(item, InputGroup):
+        return any(isinstance(member, ImageInput) for member in item.items)
+    return isinstance(item, ImageInput)
+
+
+def _combine_groups(result: EmbedResult, groups: list[tuple[int, int]], normalize: bool) -> EmbedResult:
+    """One vector per request input: a group's items' (normalised) vectors averaged, then normalised
+    when the request normalises (canonical.InputGroup); ``truncated`` per group: any item cut."""
+    if all(count == 1 for _, count in groups):
+        return result
+    vectors, truncated = [], []
+    for start, count in groups:
+        members = result.vectors[start:start + count]
+        if count == 1:
+            vectors.append(members[0])
+        else:
+            mean = np.mean(np.stack(members), axis=0, dtype=np.float32)
+            if normalize:
+                mean /= max(float(np.linalg.norm(mean)), 1e-12)
+            vectors.append(mean)
+        truncated.append(any(result.truncated[start:start + count]))
+    result.vectors, result.truncated = vectors, truncated
+    return result
+
+
+async def _nothing() -> list:
+    return []
+
+
+async def _both(first: Awaitable, second: Awaitable) -> tuple[Any, Any]:
+    """Await both concurrently; if either fails, the other is still awaited (so no decode is left
+    holding the pixel budget unobserved), then the first failure is raised."""
+    outcomes = await asyncio.gather(first, second, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return outcomes[0], outcomes[1]
 
 
 def _consume_outcome(future: asyncio.Future) -> None:

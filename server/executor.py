@@ -138,13 +138,11 @@ class ModelExecutor:
                 pass
 
     def _compute(self, items: list[WorkItem], packed: PackedBatch | None = None) -> list[Any]:
-        """One result or one exception per item; ``packed``: the items already on the device."""
+        """One result or one exception per item; ``packed``: the text items already on the device."""
         try:
-            if packed is None:
-                packed = pack_items(items, self.model.device)
-            results = self.model.runner.run(packed, [item.options for item in items])
+            results = self._forward(items, packed)
             self.healthy = True
-            return list(results)
+            return results
         except Exception as exc:
             if is_out_of_memory(exc):
                 return self._split_after_oom(items)
@@ -153,6 +151,25 @@ class ModelExecutor:
             self.healthy = False
             message = f"model {self.model.id!r} failed while computing this batch"
             return [BackendError(message) for _ in items]
+
+    def _forward(self, items: list[WorkItem], packed: PackedBatch | None) -> list[Any]:
+        """The batch's texts through the runner and its images through the vision tower (a batch
+        may hold both: they share the model's queue and budget), results in the items' order."""
+        texts = [item for item in items if item.image is None]
+        images = [item for item in items if item.image is not None]
+        if not images:
+            if packed is None:
+                packed = pack_items(items, self.model.device)
+            return list(self.model.runner.run(packed, [item.options for item in items]))
+        by_item: dict[int, Any] = {}
+        if texts:
+            if packed is None:
+                packed = pack_items(texts, self.model.device)
+            by_item.update(zip(map(id, texts), self.model.runner.run(packed, [item.options for item in texts])))
+        pixels = torch.stack([item.image.pixels for item in images])
+        vectors = self.model.images.embed_images(pixels, [item.options for item in images])
+        by_item.update(zip(map(id, images), vectors))
+        return [by_item[id(item)] for item in items]
 
     def _split_after_oom(self, items: list[WorkItem]) -> list[Any]:
         if self.model.device.type == "cuda":
@@ -174,11 +191,15 @@ class ModelExecutor:
         return self._compute(items[:middle]) + self._compute(items[middle:])
 
 
-def pack_items(items: list[WorkItem], device: torch.device) -> PackedBatch:
-    """The items' tokens packed on ``device``; through pinned host memory on CUDA (asynchronous copy)."""
+def pack_items(items: list[WorkItem], device: torch.device) -> PackedBatch | None:
+    """The text items' tokens packed on ``device``, through pinned host memory on CUDA (asynchronous
+    copy); None when the items are all images (their pixels go to the tower as they are)."""
+    texts = [item for item in items if item.image is None]
+    if not texts:
+        return None
     return pack_sequences(
-        [item.tokens.ids for item in items],
-        [item.tokens.type_ids for item in items],
+        [item.tokens.ids for item in texts],
+        [item.tokens.type_ids for item in texts],
         device=device,
         pin_memory=device.type == "cuda",
     )
@@ -214,8 +235,9 @@ class NextBatchStager:
                         return
                     try:
                         packed = pack_items(items, self._device)
-                        ready = torch.cuda.Event()
-                        ready.record(self._copy_stream)
+                        ready = torch.cuda.Event() if packed is not None else None
+                        if ready is not None:
+                            ready.record(self._copy_stream)
                     except Exception as exc:
                         log.warning("could not stage a batch of %d inputs (%s); it is packed when it runs",
                                     len(items), exc)

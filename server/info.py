@@ -58,12 +58,21 @@ class ModelInfo:
     default_task: str | None = None
     end_of_life_date: dt.date | None = None
     max_batch_tokens: int | None = None
+    # Whether the model embeds images too (jina-clip-v2: text and image vectors in one space), and
+    # what one image costs in its token budget (the vision tower's patches + CLS).
+    image_input: bool = False
+    image_tokens: int | None = None
     # rerank only
     reranker_kind: str | None = None
     max_query_tokens: int | None = None
     rerank_windows: bool = False
     window_overlap_tokens: int | None = None
     embedding_model: str | None = None  # the bi-encoder stand-in's embedding model
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """What the model embeds: ("text",) or ("text", "image")."""
+        return ("text", "image") if self.image_input else ("text",)
 
     def lane_defaults(self, lane: str | None) -> tuple[str | None, str | None]:
         """(task, prompt name) that ``lane``'s traffic gets when the request names neither:
@@ -88,6 +97,9 @@ class ServerLimits:
     request_timeout_s: float
     tokenization_workers: int
     grpc_stream_max_in_flight: int
+    # Image input: encoded image bytes per request, and the hosts image URLs may name (empty: URLs refused).
+    max_image_request_bytes: int = 0
+    image_url_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -144,6 +156,8 @@ def describe_model(model: ServedModel, devices: list[str], max_batch_tokens: int
         default_task=model.default_task,
         end_of_life_date=model.end_of_life_date,
         max_batch_tokens=max_batch_tokens,
+        image_input=model.images is not None,
+        image_tokens=model.images.tokens_per_image if model.images is not None else None,
         reranker_kind=(LISTWISE if model.runner.listwise else CROSS_ENCODER) if rerank else None,
         max_query_tokens=model.max_query_tokens if rerank else None,
         rerank_windows=model.rerank_windows if rerank else False,

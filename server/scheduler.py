@@ -40,9 +40,11 @@ _DRAIN_RATE_SMOOTHING = 0.2
 
 @dataclass(slots=True, eq=False)
 class WorkItem:
-    """One input on its way through the model. The future resolves on ``loop``."""
+    """One input on its way through the model: a text's ``tokens``, or an ``image`` (a
+    ``models.images.PreparedImage``, ``tokens`` None) that costs its patch tokens in the budget. The
+    future resolves on ``loop``."""
 
-    tokens: TokenizedInput
+    tokens: TokenizedInput | None
     options: Any
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
@@ -50,10 +52,11 @@ class WorkItem:
     deadline: float = float("inf")  # time.perf_counter() value
     lane: str = "ingest"
     started_at: float = field(default=0.0)
+    image: Any = None
 
     @property
     def num_tokens(self) -> int:
-        return len(self.tokens.ids)
+        return self.image.tokens if self.tokens is None else len(self.tokens.ids)
 
     def abandoned(self) -> bool:
         """True once nobody waits for the result (the request was cancelled or already failed)."""

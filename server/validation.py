@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .canonical import EmbedRequest, RerankRequest, SparseEmbedRequest
+from .canonical import EmbedInput, EmbedRequest, ImageInput, InputGroup, RerankRequest, SparseEmbedRequest
 from .errors import PayloadTooLarge, ValidationError
 from .scheduler import LANES
 
@@ -25,6 +25,28 @@ def check_inputs(inputs: list[str], max_client_batch_size: int) -> None:
     for i, text in enumerate(inputs):
         if not text:
             raise ValidationError(f"input {i} is empty")
+
+
+def check_embed_inputs(inputs: list[EmbedInput], flat: list[str | ImageInput], max_client_batch_size: int) -> None:
+    """``check_inputs`` for an embedding request that may hold images and groups: the texts and images
+    of all groups together count against the batch size; no empty text, image or group."""
+    if not inputs:
+        raise ValidationError("inputs must not be empty")
+    if len(flat) > max_client_batch_size:
+        raise PayloadTooLarge(
+            f"batch size {len(flat)} is larger than the maximum of {max_client_batch_size} inputs per request "
+            "(--max-client-batch-size)"
+        )
+    for i, item in enumerate(inputs):
+        members = item.items if isinstance(item, InputGroup) else (item,)
+        if not members:
+            raise ValidationError(f"input {i} is an empty group")
+        for member in members:
+            if isinstance(member, ImageInput):
+                if not member.data:
+                    raise ValidationError(f"input {i} is an empty image")
+            elif not member:
+                raise ValidationError(f"input {i} is empty")
 
 
 def check_rerank_request(request: RerankRequest, max_client_batch_size: int) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from infercore.server.cli import build_parser
-from infercore.server.config import ServerConfig, env_name, flag_name, positive_int, server_flags
+from infercore.server.config import ServerConfig, env_name, flag_name, host_list, positive_int, server_flags
 
 SETTINGS = list(server_flags())
 IDS = [f.name for f, _ in SETTINGS]
@@ -27,6 +27,8 @@ def sample(flag, tmp_path: Path) -> tuple[str, object]:
         path = tmp_path / "setting.pem"
         path.write_text("pem")
         return str(path), path
+    if flag.parse is host_list:
+        return "images.example, CDN.example:8443", ("images.example", "cdn.example:8443")
     assert flag.parse is None, f"no sample for parse={flag.parse}"
     return "some-value", "some-value"
 
@@ -92,3 +94,10 @@ def test_serve_help_names_every_flag_with_its_environment_variable(capsys):
         assert flag_name(f, flag) in text
         if env_name(f, flag):
             assert f"[env: {env_name(f, flag)}]" in text
+
+
+@pytest.mark.parametrize("text", ["http://images.example", "user@images.example", "images.example/cats"])
+def test_image_url_hosts_are_host_names_not_urls(text, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--image-url-hosts", text])
+    assert "--image-url-hosts" in capsys.readouterr().err

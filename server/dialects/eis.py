@@ -5,11 +5,15 @@
          -> {"data": [{"token": weight, ...}, ...], "meta": {"usage": {"total_tokens"}}}
     POST /api/v1/embed/text/dense    {"input": [...], "model", "usage_context"?, "dimensions"?}
          -> {"data": [[...], ...], "meta": {"usage": {"total_tokens"}}}
+    POST /api/v1/embed/dense         {"input": [{"content": [{"type": "image" | "text", "format", "value"}, ...]}],
+                                      "model", "usage_context"?, "dimensions"?}
+         -> {"data": [[...], ...], "meta": {"usage": {"total_tokens"}}}   (one vector per group)
     POST /api/v1/rerank/text/text-similarity
          {"query": str | {"type", "format", "value"}, "documents": [str | {...}], "model", "top_n"?}
          -> {"results": [{"index", "relevance_score"}]}
     GET  /api/v1/authorizations      -> {"models": [{"model_name", "task_types"}]}
     GET  /api/v2/authorizations      -> {"inference_endpoints": [{"id", "model_name", "task_types", ...}]}
+                                        (a model that takes images: task_types embed/dense / embedding)
 
 The lane comes from ``usage_context`` or the ``X-elastic-product-use-case`` header (which newer
 Elasticsearch builds may send twice). Inputs longer than the model's window are truncated, as the
@@ -25,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..canonical import EmbedRequest, RerankRequest, SparseEmbedRequest, as_list
+from ..canonical import EmbedRequest, RerankRequest, SparseEmbedRequest, as_list, content_groups
 from ..engine import Engine
 from ..errors import InferenceError, ModelNotFound, ValidationError
 from ..http import (
@@ -46,6 +50,9 @@ TASK_TYPES = {
     "rerank": "rerank/text/text-similarity",
 }
 assert set(TASK_TYPES) == set(TASKS), "every task needs its EIS task type"
+# Text-embedding models that also take images are Elasticsearch's multimodal ``embedding`` task,
+# EIS task type ``embed/dense`` (route /api/v1/embed/dense), as Elastic serves .jina-clip-v2.
+MULTIMODAL_TASK_TYPES = {"eis": "embed/dense", "elasticsearch": "embedding"}
 # Catalog ids whose EIS model name or preconfigured endpoint id differ from the id itself.
 EIS_NAMES: dict[str, tuple[str, str]] = {
     "elser_model_2": ("elser_model_2", ".elser-2-elastic"),
@@ -66,6 +73,16 @@ class TypedString(msgspec.Struct):
 
 class EmbedBody(msgspec.Struct):
     input: list[str] | str
+    model: str
+    usage_context: str | None = None
+    dimensions: int | None = None
+
+
+class MultimodalEmbedBody(msgspec.Struct):
+    """``ElasticInferenceServiceDenseEmbeddingsRequestEntity`` for the embedding task: ``input`` a
+    list of ``{"content": [{"type", "format", "value"}, ...]}`` groups (``canonical.content_groups``)."""
+
+    input: list | dict | str
     model: str
     usage_context: str | None = None
     dimensions: int | None = None
@@ -169,6 +186,25 @@ def routes(engine: Engine) -> list[Route]:
         }
         return json_response(payload, headers=headers)
 
+    async def multimodal(request: Request) -> Response:
+        """One vector per content group, ``{"data": [[...], ...]}`` (the dense response entity). A
+        group of several items is the normalised mean of their vectors (canonical.InputGroup);
+        Elasticsearch itself refuses such groups for every service today."""
+        body = decode_json(await read_body(request, limit), MultimodalEmbedBody)
+        model_id = resolve(body.model, "text_embedding")
+        lane, timeout_s = hints(request, body.usage_context)
+        task, prompt = engine.info().model(model_id).lane_defaults(lane)
+        work = engine.embed(EmbedRequest(
+            content_groups(body.input), model=model_id, truncate=True, dimensions=body.dimensions, priority=lane,
+            timeout_s=timeout_s, task=task, prompt_name=prompt,
+        ))
+        result = await until_disconnect(request, work)
+        payload = {
+            "data": [vector.tolist() for vector in result.vectors],
+            "meta": {"usage": {"total_tokens": result.input_tokens}},
+        }
+        return json_response(payload, headers=result_headers(result))
+
     async def rerank(request: Request) -> Response:
         body = decode_json(await read_body(request, limit), RerankBody)
         model_id = resolve(body.model, "rerank")
@@ -195,13 +231,15 @@ def routes(engine: Engine) -> list[Route]:
         for model in engine.info().models:
             name, endpoint_id = eis_names(model.id)
             task = model.task
+            multimodal = task == "text_embedding" and model.image_input
             entry: dict = {
                 "id": endpoint_id,
                 "model_name": name,
-                "task_types": {"eis": TASK_TYPES[task], "elasticsearch": task},
+                "task_types": dict(MULTIMODAL_TASK_TYPES) if multimodal else {"eis": TASK_TYPES[task],
+                                                                              "elasticsearch": task},
                 "status": "ga",
                 "release_date": RELEASE_DATE,
-                "properties": [],
+                "properties": ["multimodal"] if multimodal else [],
             }
             if model.end_of_life_date is not None:
                 entry["end_of_life_date"] = model.end_of_life_date.isoformat()
@@ -219,6 +257,7 @@ def routes(engine: Engine) -> list[Route]:
     return [
         route("/api/v1/embed/text/sparse", sparse, ["POST"]),
         route("/api/v1/embed/text/dense", dense, ["POST"]),
+        route("/api/v1/embed/dense", multimodal, ["POST"]),
         route("/api/v1/rerank/text/text-similarity", rerank, ["POST"]),
         route("/api/v1/authorizations", authorizations_v1, ["GET"]),
         route("/api/v2/authorizations", authorizations_v2, ["GET"]),

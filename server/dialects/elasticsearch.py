@@ -4,6 +4,10 @@
     -> {"sparse_embedding": [{"is_truncated": false, "embedding": {"port": 2.12, "sky": 1.70}}, ...]}
     POST /_inference/text_embedding/my-e5       {"input": "hello"}
     -> {"text_embedding": [{"embedding": [0.01, -0.02, ...]}]}
+    POST /_inference/embedding/my-clip  {"input": [{"content": {"type": "image", "value": "data:image/png;base64,..."}},
+                                                  {"content": [{"type": "text", "value": "a red boat"}, {...}]}]}
+    -> {"embeddings": [{"embedding": [0.01, ...]}, ...]}    (one vector per content group; images for models
+                                                            that take them)
     POST /_inference/rerank/my-reranker  {"query": "q", "input": ["d1", "d2"], "top_n": 1, "return_documents": true}
     -> {"rerank": [{"index": 1, "relevance_score": 0.93, "text": "d2"}]}
 
@@ -22,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..canonical import EmbedRequest, RerankRequest, SparseEmbedRequest, as_list
+from ..canonical import EmbedRequest, RerankRequest, SparseEmbedRequest, as_list, content_groups
 from ..engine import Engine
 from ..errors import (
     InferenceError,
@@ -46,6 +50,20 @@ INPUT_TYPE_LANES = {
 }
 _TIME_UNITS = {"nanos": 1e-9, "micros": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _TIME_VALUE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(nanos|micros|ms|s|m|h|d)\s*$")
+
+
+# Elasticsearch's multimodal task (TaskType.EMBEDDING): served by text-embedding models, with images
+# for those that take them.
+EMBEDDING_TASK = "embedding"
+
+
+class EmbeddingBody(msgspec.Struct):
+    """``EmbeddingRequest``: ``input`` is a string, a content group or a list of them
+    (``canonical.content_groups``)."""
+
+    input: str | list | dict
+    input_type: str | None = None
+    task_settings: dict | None = None
 
 
 class InferenceBody(msgspec.Struct):
@@ -100,7 +118,9 @@ def routes(engine: Engine) -> list[Route]:
         model = engine.info().find(inference_id)
         if model is None:
             raise ModelNotFound(f"Inference endpoint not found [{inference_id}]")
-        if model.task != task_type:
+        # The multimodal task is served by the text-embedding models (images by those that take them).
+        served_as = "text_embedding" if task_type == EMBEDDING_TASK else task_type
+        if model.task != served_as:
             raise ValidationError(
                 f"Incompatible task_type, the requested type [{task_type}] does not match the model type [{model.task}]"
             )
@@ -109,8 +129,11 @@ def routes(engine: Engine) -> list[Route]:
     async def infer(request: Request) -> Response:
         task_type = request.path_params["task_type"]
         inference_id = request.path_params["inference_id"]
+        if task_type == EMBEDDING_TASK:
+            return await embedding(request, resolve(EMBEDDING_TASK, inference_id))
         if task_type not in TASKS:
-            raise ValidationError(f"task_type [{task_type}] is not served here (served: {', '.join(TASKS)})")
+            served = ", ".join((*TASKS, EMBEDDING_TASK))
+            raise ValidationError(f"task_type [{task_type}] is not served here (served: {served})")
         model = resolve(task_type, inference_id)
         model_id = model.id
         body = decode_json(await read_body(request, limit), InferenceBody)
@@ -136,6 +159,20 @@ def routes(engine: Engine) -> list[Route]:
             }
         else:
             payload = {"text_embedding": [{"embedding": vector.tolist()} for vector in result.vectors]}
+        return json_response(payload, headers=result_headers(result))
+
+    async def embedding(request: Request, model: ModelInfo) -> Response:
+        """The multimodal task: one vector per content group, ``{"embeddings": [{"embedding": [...]}]}``
+        (GenericDenseEmbeddingFloatResults)."""
+        body = decode_json(await read_body(request, limit), EmbeddingBody)
+        header_priority, header_timeout_s = scheduling_hints(request)
+        timeout_s = parse_timeout(request.query_params.get("timeout")) or header_timeout_s
+        lane = lane_of(body.input_type, header_priority)
+        task, prompt = model.lane_defaults(lane)
+        work = engine.embed(EmbedRequest(content_groups(body.input), model=model.id, truncate=True, priority=lane,
+                                         timeout_s=timeout_s, task=task, prompt_name=prompt))
+        result = await until_disconnect(request, work)
+        payload = {"embeddings": [{"embedding": vector.tolist()} for vector in result.vectors]}
         return json_response(payload, headers=result_headers(result))
 
     async def rerank(request: Request, body: InferenceBody, model_id: str, documents: list[str], lane: str | None,

@@ -25,7 +25,15 @@ import numpy as np
 from ...proto.v1 import inference_pb2 as pb
 from ...proto.v1 import inference_pb2_grpc as pb_grpc
 from ..auth import check_bearer
-from ..canonical import DecodeRequest, EmbedRequest, RerankRequest, SparseEmbedRequest, Timings, TokenizeRequest
+from ..canonical import (
+    DecodeRequest,
+    EmbedRequest,
+    ImageInput,
+    RerankRequest,
+    SparseEmbedRequest,
+    Timings,
+    TokenizeRequest,
+)
 from ..engine import Engine
 from ..errors import (
     DeadlineExceeded,
@@ -109,6 +117,8 @@ def model_info_message(info: ModelInfo) -> pb.ModelInfo:
         embedding_model=info.embedding_model or "",
         max_query_tokens=info.max_query_tokens or 0,
         rerank_windows=info.rerank_windows,
+        image_input=info.image_input,
+        image_tokens=info.image_tokens or 0,
     )
     if info.default_prompt_name is not None:
         message.default_prompt_name = info.default_prompt_name
@@ -274,7 +284,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         if request.encoding not in pb.VectorEncoding.values():
             raise ValidationError(f"unknown vector encoding {request.encoding}; use FLOAT32, FLOAT16 or BFLOAT16")
         result = await self.engine.embed(EmbedRequest(
-            inputs=list(request.inputs),
+            inputs=self._embed_inputs(request),
             model=request.model or None,
             normalize=request.normalize if request.HasField("normalize") else True,
             truncate=self._optional(request, "truncate"),
@@ -291,6 +301,21 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             truncated=result.truncated,
             metadata=metadata(result),
         )
+
+    @staticmethod
+    def _embed_inputs(request: pb.EmbedRequest) -> list[str | ImageInput]:
+        """``inputs`` (texts), or ``items`` (texts and image bytes, in order); not both."""
+        if not request.items:
+            return list(request.inputs)
+        if request.inputs:
+            raise ValidationError("send either inputs (texts) or items (texts and images), not both")
+        out: list[str | ImageInput] = []
+        for i, item in enumerate(request.items):
+            kind = item.WhichOneof("content")
+            if kind is None:
+                raise ValidationError(f"items[{i}] has neither text nor image")
+            out.append(item.text if kind == "text" else ImageInput(bytes(item.image)))
+        return out
 
     async def _embed_sparse(self, request: pb.EmbedSparseRequest, context: grpc.aio.ServicerContext
                             ) -> pb.EmbedSparseResponse:

@@ -1,6 +1,8 @@
 """The native API, compatible with Hugging Face TEI where TEI has the route.
 
 POST /embed, /embed_sparse, /rerank, /tokenize, /decode; GET /health, /info, /v1/models, /metrics.
+``/embed`` also takes images for models that embed them: ``{"inputs": [{"image": "<base64 | data URI>"},
+"text"]}`` answers one vector per input, in order, text and image vectors in one space.
 Errors: ``{"error": "...", "error_type": "..."}``.
 
 ``/embed_sparse`` answers TEI's ``[[{"index", "value"}]]`` (term ids); with ``?format=tokens`` it
@@ -17,7 +19,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..canonical import DecodeRequest, EmbedRequest, RerankRequest, SparseEmbedRequest, TokenizeRequest, as_list
+from ..canonical import (
+    DecodeRequest,
+    EmbedRequest,
+    RerankRequest,
+    SparseEmbedRequest,
+    TokenizeRequest,
+    as_list,
+    text_or_image,
+)
 from ..engine import Engine
 from ..errors import InferenceError, NotReady, ValidationError
 from ..http import decode_json, endpoint, json_response, read_body, result_headers, scheduling_hints, until_disconnect
@@ -27,7 +37,9 @@ TruncationDirection = Literal["right", "left", "Right", "Left"]
 
 
 class EmbedBody(msgspec.Struct):
-    inputs: str | list[str]
+    # Texts, and for models that take images {"image": "<base64 | data URI | URL>"} items (or
+    # {"text": "..."}), in any order.
+    inputs: str | list[str | dict]
     normalize: bool = True
     truncate: bool | None = None
     truncation_direction: TruncationDirection = "right"
@@ -90,7 +102,7 @@ def routes(engine: Engine) -> list[Route]:
         priority, timeout_s = scheduling_hints(request, body.priority)
         work = engine.embed(
             EmbedRequest(
-                inputs=as_list(body.inputs),
+                inputs=[text_or_image(x, f"inputs[{i}]") for i, x in enumerate(as_list(body.inputs))],
                 model=body.model,
                 normalize=body.normalize,
                 truncate=body.truncate,
@@ -211,6 +223,9 @@ def routes(engine: Engine) -> list[Route]:
                 "max_client_batch_size": limits.max_client_batch_size,
                 "auto_truncate": limits.auto_truncate,
                 "tokenization_workers": limits.tokenization_workers,
+                # image input (models whose "modalities" include "image")
+                "max_image_request_bytes": limits.max_image_request_bytes,
+                "image_url_hosts": list(limits.image_url_hosts),
                 "version": server.version,
                 # Triton kernels the start-up self-check switched off (their torch reference runs)
                 "kernels_switched_off": server.kernels_switched_off,
@@ -273,6 +288,8 @@ def model_json(info: ModelInfo) -> dict:
         "default_task": info.default_task,
         "end_of_life_date": info.end_of_life_date.isoformat() if info.end_of_life_date else None,
         "max_batch_tokens": info.max_batch_tokens,
+        "modalities": list(info.modalities),
+        **({"image_tokens": info.image_tokens} if info.image_input else {}),
         **placement,
         **(
             {"kind": info.reranker_kind, "max_query_tokens": info.max_query_tokens,

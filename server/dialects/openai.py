@@ -1,5 +1,8 @@
 """OpenAI-compatible embeddings: POST /v1/embeddings (and /embeddings).
 
+Jina's embeddings API shares the route and the shape; its multimodal input is served too:
+``"input": [{"text": "..."}, {"image": "<base64 | data URI>"}]`` (models that take images).
+
 ``encoding_format`` "float" returns lists of numbers; "base64" returns the little-endian float32
 bytes base64-encoded, which is what the official ``openai`` client requests by default.
 Errors: ``{"error": {"message", "type", "param", "code"}}``.
@@ -16,14 +19,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..canonical import EmbedRequest, as_list
+from ..canonical import EmbedRequest, as_list, text_or_image
 from ..engine import Engine
 from ..errors import InferenceError, ModelNotFound, Overloaded, PayloadTooLarge, Unauthorized
 from ..http import decode_json, endpoint, json_response, read_body, result_headers, scheduling_hints, until_disconnect
 
 
 class EmbeddingsBody(msgspec.Struct):
-    input: str | list[str]
+    # Jina's API (same route) also takes {"text": ...} and {"image": "<base64 | data URI | URL>"} items.
+    input: str | list[str | dict]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
@@ -61,7 +65,7 @@ def routes(engine: Engine) -> list[Route]:
         priority, timeout_s = scheduling_hints(request)
         work = engine.embed(
             EmbedRequest(
-                inputs=as_list(body.input),
+                inputs=[text_or_image(x, f"input[{i}]") for i, x in enumerate(as_list(body.input))],
                 model=body.model,
                 dimensions=body.dimensions,
                 priority=priority,

@@ -79,8 +79,16 @@ class DenseVectors(_message.Message):
     data: bytes
     def __init__(self, count: _Optional[int] = ..., dimensions: _Optional[int] = ..., encoding: _Optional[_Union[VectorEncoding, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class EmbedInput(_message.Message):
+    __slots__ = ("text", "image")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    image: bytes
+    def __init__(self, text: _Optional[str] = ..., image: _Optional[bytes] = ...) -> None: ...
+
 class EmbedRequest(_message.Message):
-    __slots__ = ("inputs", "model", "lane", "timeout_ms", "normalize", "truncate", "truncation_direction", "dimensions", "prompt_name", "task", "encoding")
+    __slots__ = ("inputs", "model", "lane", "timeout_ms", "normalize", "truncate", "truncation_direction", "dimensions", "prompt_name", "task", "encoding", "items")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LANE_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +100,7 @@ class EmbedRequest(_message.Message):
     PROMPT_NAME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedScalarFieldContainer[str]
     model: str
     lane: Lane
@@ -103,7 +112,8 @@ class EmbedRequest(_message.Message):
     prompt_name: str
     task: str
     encoding: VectorEncoding
-    def __init__(self, inputs: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., lane: _Optional[_Union[Lane, str]] = ..., timeout_ms: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., dimensions: _Optional[int] = ..., prompt_name: _Optional[str] = ..., task: _Optional[str] = ..., encoding: _Optional[_Union[VectorEncoding, str]] = ...) -> None: ...
+    items: _containers.RepeatedCompositeFieldContainer[EmbedInput]
+    def __init__(self, inputs: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., lane: _Optional[_Union[Lane, str]] = ..., timeout_ms: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., dimensions: _Optional[int] = ..., prompt_name: _Optional[str] = ..., task: _Optional[str] = ..., encoding: _Optional[_Union[VectorEncoding, str]] = ..., items: _Optional[_Iterable[_Union[EmbedInput, _Mapping]]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("model", "embeddings", "truncated", "metadata")
@@ -322,7 +332,7 @@ class ServerLimits(_message.Message):
     def __init__(self, max_client_batch_size: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_stream_in_flight: _Optional[int] = ..., max_receive_message_bytes: _Optional[int] = ..., auto_truncate: _Optional[bool] = ..., default_timeout_ms: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "task", "is_default", "family", "description", "dimensions", "matryoshka_dimensions", "max_input_tokens", "pooling", "prompts", "default_prompt_name", "tasks", "default_task", "end_of_life_date", "max_batch_tokens", "dtype", "device", "reranker_kind", "embedding_model", "max_query_tokens", "rerank_windows")
+    __slots__ = ("id", "task", "is_default", "family", "description", "dimensions", "matryoshka_dimensions", "max_input_tokens", "pooling", "prompts", "default_prompt_name", "tasks", "default_task", "end_of_life_date", "max_batch_tokens", "dtype", "device", "reranker_kind", "embedding_model", "max_query_tokens", "rerank_windows", "image_input", "image_tokens")
     class PromptsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -351,6 +361,8 @@ class ModelInfo(_message.Message):
     EMBEDDING_MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RERANK_WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_INPUT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     id: str
     task: ModelTask
     is_default: bool
@@ -372,7 +384,9 @@ class ModelInfo(_message.Message):
     embedding_model: str
     max_query_tokens: int
     rerank_windows: bool
-    def __init__(self, id: _Optional[str] = ..., task: _Optional[_Union[ModelTask, str]] = ..., is_default: _Optional[bool] = ..., family: _Optional[str] = ..., description: _Optional[str] = ..., dimensions: _Optional[int] = ..., matryoshka_dimensions: _Optional[_Iterable[int]] = ..., max_input_tokens: _Optional[int] = ..., pooling: _Optional[str] = ..., prompts: _Optional[_Mapping[str, str]] = ..., default_prompt_name: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ..., default_task: _Optional[str] = ..., end_of_life_date: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., reranker_kind: _Optional[str] = ..., embedding_model: _Optional[str] = ..., max_query_tokens: _Optional[int] = ..., rerank_windows: _Optional[bool] = ...) -> None: ...
+    image_input: bool
+    image_tokens: int
+    def __init__(self, id: _Optional[str] = ..., task: _Optional[_Union[ModelTask, str]] = ..., is_default: _Optional[bool] = ..., family: _Optional[str] = ..., description: _Optional[str] = ..., dimensions: _Optional[int] = ..., matryoshka_dimensions: _Optional[_Iterable[int]] = ..., max_input_tokens: _Optional[int] = ..., pooling: _Optional[str] = ..., prompts: _Optional[_Mapping[str, str]] = ..., default_prompt_name: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ..., default_task: _Optional[str] = ..., end_of_life_date: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., reranker_kind: _Optional[str] = ..., embedding_model: _Optional[str] = ..., max_query_tokens: _Optional[int] = ..., rerank_windows: _Optional[bool] = ..., image_input: _Optional[bool] = ..., image_tokens: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("version", "limits", "models")
