@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .dialects import cohere, eis, elasticsearch, native, openai
+from .dialects import cohere, cohere_v2, eis, elasticsearch, native, openai, tei
 from .engine import Engine
 from .errors import InferenceError, MalformedRequest, MethodNotAllowed, RouteNotFound
 from .http import json_response
@@ -52,6 +52,8 @@ def create_app(engine: Engine, on_load_failure: Callable[[], None] | None = None
         (native.format_error, native.routes(engine)),
         (openai.format_error, openai.routes(engine)),
         (cohere.format_error, cohere.routes(engine)),
+        (cohere_v2.format_error, cohere_v2.routes(engine)),
+        (tei.format_error, tei.routes(engine)),
         (elasticsearch.format_error, elasticsearch.routes(engine)),
         (eis.format_error, eis.routes(engine)),
     ]

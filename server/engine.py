@@ -33,6 +33,7 @@ from .canonical import (
     DecodeRequest,
     EmbedRequest,
     EmbedResult,
+    PredictRequest,
     Ranked,
     RerankRequest,
     RerankResult,
@@ -376,12 +377,17 @@ class Engine:
         with self.admission():
             handle = self.resolve(request.model, "text_embedding")
             model = handle.model
-            self._check_inputs(request.inputs)
+            if request.input_ids is not None:
+                self._check_inputs(["ids"] * len(request.input_ids))
+            else:
+                self._check_inputs(request.inputs)
             if request.dimensions is not None and not 0 < request.dimensions <= model.dimensions:
                 raise ValidationError(
                     f"dimensions must be between 1 and {model.dimensions} for model {model.id!r}, "
                     f"got {request.dimensions}"
                 )
+            if request.input_ids is not None:
+                return await self._embed_ids(handle, request, started)
             prompt_name, prompt = self._prompt(model, request.prompt_name)
             task, instruction = self._task(model, request.task)
             prefix = instruction + prompt
@@ -394,6 +400,39 @@ class Engine:
             )
             return await self._run(handle, texts, options, request.truncate, request.truncate_left,
                                    request.priority, request.timeout_s, started)
+
+    async def _embed_ids(self, handle: ModelHandle, request: EmbedRequest, started: float) -> EmbedResult:
+        """Token-id input: each row checked against the model's vocabulary and token limit (cut
+        on the right when truncation is on, else a 413), then embedded as given."""
+        model = handle.model
+        if request.prompt_name is not None:
+            raise ValidationError("token-id input is embedded as given: prepend the prompt's tokens instead "
+                                  "of sending prompt_name")
+        task, _ = self._task(model, request.task)  # the task's adapter; its instruction is not added
+        vocab = model.tokenizer.vocab_size
+        limit = model.max_input_tokens
+        truncate = self.config.auto_truncate if request.truncate is None else request.truncate
+        tokenized = []
+        for i, row in enumerate(request.input_ids):
+            if not row:
+                raise ValidationError(f"input {i} is empty")
+            bad = next((t for t in row if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValidationError(
+                    f"input {i}: token id {bad} is outside the vocabulary of model {model.id!r} (0..{vocab - 1}); "
+                    "token ids are in the model's own vocabulary (POST /tokenize)"
+                )
+            cut = len(row) > limit
+            if cut and not truncate:
+                raise PayloadTooLarge(
+                    f"input {i} is too long: {len(row)} tokens; this model accepts at most {limit} tokens per "
+                    "input. Send shorter inputs or set \"truncate\": true"
+                )
+            ids = row[-limit:] if request.truncate_left else row[:limit]
+            tokenized.append(TokenizedInput(ids, [0] * len(ids), cut))
+        options = EmbedOptions(normalize=request.normalize, dimensions=request.dimensions, task=task)
+        return await self._run(handle, [], options, truncate, False, request.priority, request.timeout_s, started,
+                               tokenized=tokenized)
 
     async def embed_sparse(self, request: SparseEmbedRequest) -> EmbedResult:
         """Term ids and weights per input, heaviest first (``SparseVector``s in ``vectors``)."""
@@ -440,6 +479,41 @@ class Engine:
             lane=lane,
             timings=timings,
         )
+
+    async def predict(self, request: PredictRequest) -> EmbedResult:
+        """A cross-encoder's logit per input (``vectors`` holds floats): single texts, or pairs in the
+        model's pair template with the first text cut to the model's query cap. Listwise models and
+        the bi-encoder stand-in score lists, not sequences, and are refused."""
+        started = time.perf_counter()
+        with self.admission():
+            handle = self.resolve(request.model, "rerank")
+            model = handle.model
+            if isinstance(model.runner, ListwiseReranker):
+                raise ValidationError(f"model {model.id!r} is a listwise reranker: it scores a query against "
+                                      "documents (POST /rerank), not single sequences")
+            self._check_inputs([t for item in request.inputs for t in ([item] if isinstance(item, str) else item)])
+            truncate = self.config.auto_truncate if request.truncate is None else request.truncate
+
+            def tokenize() -> list[TokenizedInput]:
+                tokenized = []
+                for i, item in enumerate(request.inputs):
+                    try:
+                        if isinstance(item, str):
+                            tokenized.append(model.tokenizer.encode_batch([item], truncate)[0])
+                        else:
+                            pair = model.tokenizer.encode_pairs(item[0], [item[1]], model.max_query_tokens, False,
+                                                                model.window_overlap_tokens, 1, truncate)
+                            tokenized.append(pair[0].tokens)
+                    except InputTooLong as exc:
+                        raise PayloadTooLarge(
+                            f"input {i} is {exc.tokens} tokens, more than this model's {exc.limit}; "
+                            "send \"truncate\": true"
+                        ) from None
+                return tokenized
+
+            tokenized = await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, tokenize)
+            return await self._run(handle, [], model.runner.default_options(), truncate, False, request.priority,
+                                   request.timeout_s, started, tokenized=tokenized)
 
     def _check_rerank_request(self, request: RerankRequest) -> None:
         if not request.query:
@@ -554,14 +628,17 @@ class Engine:
     async def _run(
         self, handle: ModelHandle, texts: list[str], options: Any, truncate: bool | None, truncate_left: bool,
         priority: str | None, timeout_s: float | None, started: float,
+        tokenized: list[TokenizedInput] | None = None,
     ) -> EmbedResult:
         """The pipeline every task shares: tokenize off the loop, pick the lane, queue, wait, account.
-        Runs inside ``admission()``; ``options`` is the runner's per-input options for every input."""
+        Runs inside ``admission()``; ``options`` is the runner's per-input options for every input.
+        ``tokenized``: inputs already in token ids (``texts`` is then empty)."""
         model = handle.model
         deadline = self._deadline(timeout_s, started)
         self._check_priority(priority)
         truncate = self.config.auto_truncate if truncate is None else truncate
-        tokenized = await self._tokenize(model, texts, truncate, truncate_left)
+        if tokenized is None:
+            tokenized = await self._tokenize(model, texts, truncate, truncate_left)
         tokenized_at = time.perf_counter()
         lane = self._lane(priority, tokenized)
         results = await self._compute(handle, tokenized, [options] * len(tokenized), lane, deadline)

@@ -24,11 +24,11 @@ import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from ..proto.v1 import inference_pb2_grpc as pb_grpc
 from .config import ServerConfig
 from .engine import Engine
+from .grpc_reflection_v1 import enable_reflection
 from .grpc_service import SERVICE_NAME, InferenceService
 
 log = logging.getLogger("infercore.grpc")
@@ -71,9 +71,7 @@ class GrpcServer:
             InferenceService(engine, config.grpc_stream_max_in_flight, config.api_key), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        enable_reflection((SERVICE_NAME, health.SERVICE_NAME), self.server)  # v1alpha and v1
         self._watcher: asyncio.Task | None = None
 
     @property

@@ -264,6 +264,8 @@ def model_info(handle: ModelHandle) -> dict:
     model = handle.model
     return {
         "model_id": model.id,
+        # the catalog entry the model was matched to (by id, alias, config.json or directory name), or None
+        "catalog_id": model.catalog.id if model.catalog else None,
         "task": model.task,
         "family": model.family,
         "description": model.description,
