@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="lower every model's token limit to N",
     )
     serve.add_argument(
+        "--access-log", action=argparse.BooleanOptionalAction,
+        default=_env("access-log", "true").lower() in ("1", "true", "yes"),
+        help="log one INFO line per request: method, route, model, status, tokens, duration, lane, trace id, "
+        "mTLS subject; never input text (--no-access-log: none)",
+    )
+    serve.add_argument(
         "--auto-truncate", action=argparse.BooleanOptionalAction,
         default=_env("auto-truncate", "false").lower() in ("1", "true", "yes"),
         help="truncate over-long inputs when a request does not say (default: refuse them with 413)",
@@ -209,6 +215,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         cpu_workers=int(args.cpu_workers) if args.cpu_workers else None,
         cpu_threads=args.cpu_threads,
         log_level=args.log_level,
+        access_log=args.access_log,
         grpc_port=_grpc_port(args.grpc_port),
         grpc_stream_max_in_flight=args.grpc_stream_max_in_flight,
         **_tls_files(args),

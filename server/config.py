@@ -61,6 +61,9 @@ class ServerConfig:
     cpu_workers: int | None = None
     cpu_threads: int = 1
     log_level: str = "info"
+    # One INFO line per request (metadata only: method, route, model, status, tokens, duration, lane,
+    # trace id, mTLS subject); --no-access-log turns it off.
+    access_log: bool = True
     # gRPC front end (server/grpc_server.py) on --host: off unless a port is given (0: a free port).
     grpc_port: int | None = None
     # Requests of one gRPC stream in progress at once (computing or waiting to be written); the

@@ -200,9 +200,9 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             raise DeadlineExceeded("the request's deadline passed before it reached the server")
         return timeout_s
 
-    def _observe(self, method: str, code: grpc.StatusCode, started: float) -> None:
+    def _observe(self, method: str, code: grpc.StatusCode, started: float, model: str = "") -> None:
         route = f"/{SERVICE_NAME}/{method}"
-        self.engine.metrics.requests.labels(route, code.name).inc()
+        self.engine.metrics.requests.labels(route, code.name, model).inc()
         self.engine.metrics.request_duration.labels(route).observe(time.perf_counter() - started)
 
     async def _unary(self, method: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[Response]]
@@ -225,7 +225,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             log.exception("unexpected error in %s", method)
             self._observe(method, grpc.StatusCode.INTERNAL, started)
             await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
-        self._observe(method, grpc.StatusCode.OK, started)
+        self._observe(method, grpc.StatusCode.OK, started, getattr(response, "model", ""))
         return response
 
     async def _stream(

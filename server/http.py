@@ -9,6 +9,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import msgspec
@@ -20,6 +21,8 @@ from .engine import Engine
 from .errors import InferenceError, MalformedRequest, NotReady, PayloadTooLarge, Unauthorized, ValidationError
 
 log = logging.getLogger("infercore.http")
+# One line per request at INFO (--no-access-log: off); a logger of its own so it can be routed apart.
+access_log = logging.getLogger("infercore.access")
 
 T = TypeVar("T")
 ErrorFormatter = Callable[[InferenceError], Any]
@@ -105,10 +108,22 @@ class ClientDisconnected(Exception):
     """The client went away before the answer was ready; there is nobody to answer."""
 
 
+# What the access line and request metrics say about the request ``endpoint`` is serving: filled by
+# ``result_headers`` (model, tokens, lane), which every dialect calls with its result in the same task.
+_request_facts: ContextVar[dict[str, Any] | None] = ContextVar("infercore_request_facts", default=None)
+
+
 def result_headers(result: EmbedResult) -> dict[str, str]:
-    """TEI's per-request headers (durations in milliseconds) plus the lane the request ran in."""
+    """TEI's per-request headers (durations in milliseconds) plus the lane the request ran in.
+
+    x-compute-time is the sum of the three stages, which do not overlap in time and all lie inside
+    x-total-time; it is capped at the total so that rounding of per-input maxima (queue and inference
+    are the slowest input's) can never make compute exceed total."""
     timings = result.timings
-    compute_s = timings.tokenization_s + timings.queue_s + timings.inference_s
+    compute_s = min(timings.tokenization_s + timings.queue_s + timings.inference_s, timings.total_s)
+    facts = _request_facts.get()
+    if facts is not None:
+        facts.update(model=result.model, tokens=result.input_tokens, lane=result.lane)
     return {
         "x-lane": result.lane,
         "x-compute-time": f"{compute_s * 1e3:.3f}",
@@ -143,6 +158,8 @@ def endpoint(
 
     async def wrapped(request: Request) -> Response:
         started = time.perf_counter()
+        facts: dict[str, Any] = {}
+        context = _request_facts.set(facts)
         try:
             if authenticate:
                 check_api_key(request, engine.config.api_key)
@@ -155,15 +172,38 @@ def endpoint(
         except Exception:
             log.exception("unexpected error on %s", route)
             response = error_response(InferenceError("internal server error"), format_error, status_of)
+        finally:
+            _request_facts.reset(context)
         duration = time.perf_counter() - started
-        engine.metrics.observe_request(route, response.status_code, duration)
-        trace = request.headers.get("traceparent")
-        tenant = request.scope.get("state", {}).get("tenant")  # mutual TLS: the client certificate's subject
-        log.debug("%s %s %d %.1fms%s%s", request.method, route, response.status_code, duration * 1e3,
-                  f" traceparent={trace}" if trace else "", f" tenant={tenant}" if tenant else "")
+        model = facts.get("model", "")
+        engine.metrics.observe_request(route, response.status_code, duration, model)
+        if engine.config.access_log:
+            tenant = request.scope.get("state", {}).get("tenant")  # mutual TLS: the client certificate's subject
+            access_log.info(
+                "%s %s status=%d model=%s tokens=%s duration_ms=%.1f lane=%s trace_id=%s tenant=%s",
+                request.method, route, response.status_code, model or "-", facts.get("tokens", "-"), duration * 1e3,
+                facts.get("lane", "-"), trace_id(request.headers.get("traceparent")) or "-",
+                json_string(tenant) if tenant else "-",
+            )
         return response
 
     return wrapped
+
+
+def trace_id(traceparent: str | None) -> str | None:
+    """The trace id of a W3C ``traceparent`` header (``00-<32 hex>-<16 hex>-<2 hex>``), None when the
+    header is absent or malformed (nothing the client wrote reaches the log unchecked)."""
+    if traceparent is None:
+        return None
+    parts = traceparent.strip().split("-")
+    if len(parts) < 4 or len(parts[1]) != 32 or not all(c in "0123456789abcdef" for c in parts[1]):
+        return None
+    return parts[1]
+
+
+def json_string(value: str) -> str:
+    """``value`` quoted and escaped as a JSON string: one log line, whatever characters it holds."""
+    return msgspec.json.encode(value).decode()
 
 
 def error_response(

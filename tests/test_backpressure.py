@@ -342,6 +342,6 @@ def test_rejections_are_counted_by_reason_in_the_metrics_exposition(engine, serv
         return after.get(key, 0.0) - before.get(key, 0.0)
 
     assert (delta("queue_full"), delta("concurrency"), delta("draining")) == (1, 1, 0)
-    # the 429 answers are counted per route and status too
+    # the 429 answers are counted per route and status too (no model answered them)
     statuses = scrape(server, "infercore_requests_total")
-    assert statuses[frozenset({"route": "/embed", "status": "429"}.items())] >= 2
+    assert statuses[frozenset({"route": "/embed", "status": "429", "model": ""}.items())] >= 2

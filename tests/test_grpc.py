@@ -483,6 +483,28 @@ def test_a_client_built_from_reflection_gets_the_http_vectors(channel, http):
     np.testing.assert_array_equal(got, np.array(http.post("/embed", json={"inputs": TEXTS[:2]}).json(), np.float32))
 
 
+def test_reflection_answers_under_v1_as_current_grpcurl_asks_first(channel):
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    # v1's messages are v1alpha's (same fields and numbers): a v1 client's bytes are these.
+    info = channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    listed, described = info(iter([
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE),
+    ]), timeout=RPC_TIMEOUT_S)
+    services = {s.name for s in listed.list_services_response.service}
+    assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"} <= services
+    files = [descriptor_pb2.FileDescriptorProto.FromString(f)
+             for f in described.file_descriptor_response.file_descriptor_proto]
+    assert any(s.name == "InferenceService" for f in files for s in f.service)
+
+
 def test_health_is_not_serving_while_loading_and_from_the_start_of_a_drain(tiny_bert_dir):
     engine = Engine(ServerConfig(models=[ModelSource("tiny", tiny_bert_dir)], grpc_port=0, cpu_workers=1,
                                  tokenization_workers=1))
