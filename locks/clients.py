@@ -27,7 +27,8 @@ LOCKS = Path(__file__).resolve().parent / "clients"
 CLIENTS: dict[str, list[str]] = {
     "openai": ["openai>=1.40"],
     "cohere": ["cohere>=5.9"],
-    "huggingface_hub": ["huggingface_hub>=0.26"],
+    # feature_extraction returns numpy arrays (the client imports numpy for it)
+    "huggingface_hub": ["huggingface_hub>=0.26", "numpy"],
     "langchain_openai": ["langchain-openai>=0.3"],
     "llama_index": ["llama-index-embeddings-openai-like>=0.2"],
     "grpc_reflection": ["grpcio-reflection>=1.62"],

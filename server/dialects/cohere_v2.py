@@ -1,4 +1,5 @@
-"""Cohere's v2 API: POST /v2/embed and POST /v2/rerank, as ``cohere.ClientV2`` calls them.
+"""Cohere's embed and v2 rerank APIs: POST /v2/embed, /v1/embed and /v2/rerank, as ``cohere.ClientV2``
+and ``cohere.Client`` call them (Cohere's v1 rerank is /v1/rerank, server/dialects/cohere.py).
 
     /v2/embed  {"model", "texts", "input_type", "embedding_types"?, "output_dimension"?, "truncate"?,
                 "max_tokens"?, "priority"?}
@@ -14,6 +15,9 @@ ubinary (server/quantize.py) and base64 (little-endian float32). ``output_dimens
 cut, renormalised. ``truncate``: ``END`` (the default here, as in Cohere's API) cuts the end of a long
 input, ``START`` its start, ``NONE`` answers 413. ``max_tokens`` caps each input's tokens below the
 model's limit (the cut follows ``truncate``).
+
+/v1/embed takes the same body; without ``embedding_types`` it answers v1's ``"response_type":
+"embeddings_floats"`` with ``"embeddings": [[...]]``, with them the by-type shape above.
 
 Rerank: documents are cut to ``max_tokens_per_doc`` tokens when it is sent; otherwise long documents
 are windowed or cut as the model does by default (Cohere truncates by default too). ``truncation``
@@ -102,7 +106,7 @@ def routes(engine: Engine) -> list[Route]:
                 cut.append(text[: tokens[max_tokens - 1].stop])
         return cut
 
-    async def embed(request: Request) -> Response:
+    async def embed(request: Request, v1: bool = False) -> Response:
         body = decode_json(await read_body(request, limit), EmbedBody)
         types = body.embedding_types or ["float"]
         unknown = [t for t in types if t not in V2_EMBEDDING_TYPES]
@@ -131,10 +135,15 @@ def routes(engine: Engine) -> list[Route]:
             )
         )
         result = await until_disconnect(request, work)
+        if v1 and body.embedding_types is None:
+            response_type, embeddings = "embeddings_floats", [v.tolist() for v in result.vectors]
+        else:
+            response_type = "embeddings_by_type"
+            embeddings = {t: embeddings_of_type(result.vectors, t) for t in dict.fromkeys(types)}
         payload = {
             "id": uuid.uuid4().hex,
-            "response_type": "embeddings_by_type",
-            "embeddings": {t: embeddings_of_type(result.vectors, t) for t in dict.fromkeys(types)},
+            "response_type": response_type,
+            "embeddings": embeddings,
             "texts": body.texts,
             "meta": meta(result.input_tokens),
         }
@@ -162,7 +171,11 @@ def routes(engine: Engine) -> list[Route]:
         payload = {"id": uuid.uuid4().hex, "results": results, "meta": meta(result.input_tokens)}
         return json_response(payload, headers=result_headers(result))
 
+    async def embed_v1(request: Request) -> Response:
+        return await embed(request, v1=True)
+
     return [
         Route("/v2/embed", endpoint(engine, "/v2/embed", format_error, embed), methods=["POST"]),
+        Route("/v1/embed", endpoint(engine, "/v1/embed", format_error, embed_v1), methods=["POST"]),
         Route("/v2/rerank", endpoint(engine, "/v2/rerank", format_error, rerank), methods=["POST"]),
     ]
