@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import logging
 import shutil
 import socket
 import threading
@@ -503,6 +504,22 @@ def test_reflection_answers_under_v1_as_current_grpcurl_asks_first(channel):
     files = [descriptor_pb2.FileDescriptorProto.FromString(f)
              for f in described.file_descriptor_response.file_descriptor_proto]
     assert any(s.name == "InferenceService" for f in files for s in f.service)
+
+
+def test_each_call_gets_an_access_line_with_metadata_only(stub, caplog):
+    trace = "0af7651916cd43dd8448eb211c80319c"
+    metadata = (*AUTH, ("traceparent", f"00-{trace}-b7ad6b7169203331-01"))
+    with caplog.at_level(logging.INFO, logger="infercore.access"):
+        stub.Embed(pb.EmbedRequest(inputs=["a private sentence"], model="minilm"), metadata=metadata,
+                   timeout=RPC_TIMEOUT_S)
+        with pytest.raises(grpc.RpcError):
+            stub.Embed(pb.EmbedRequest(inputs=["x"], model="nope"), metadata=AUTH, timeout=RPC_TIMEOUT_S)
+    lines = [r.getMessage() for r in caplog.records if r.name == "infercore.access"]
+    # [CLS] a private sentence [SEP]: 5 tokens
+    assert lines[0].startswith(f"GRPC /{SERVICE}/Embed status=OK model=minilm tokens=5 ")
+    assert lines[0].endswith(f"lane=search trace_id={trace}")
+    assert lines[1].startswith(f"GRPC /{SERVICE}/Embed status=NOT_FOUND model=- tokens=- ")
+    assert "private" not in caplog.text
 
 
 def test_health_is_not_serving_while_loading_and_from_the_start_of_a_drain(tiny_bert_dir):
