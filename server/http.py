@@ -23,6 +23,7 @@ from .errors import InferenceError, MalformedRequest, NotReady, PayloadTooLarge,
 log = logging.getLogger("infercore.http")
 # One line per request at INFO (--no-access-log: off); a logger of its own so it can be routed apart.
 access_log = logging.getLogger("infercore.access")
+QUIET_ROUTES = frozenset({"/health", "/metrics"})
 
 T = TypeVar("T")
 ErrorFormatter = Callable[[InferenceError], Any]
@@ -179,8 +180,10 @@ def endpoint(
         engine.metrics.observe_request(route, response.status_code, duration, model)
         if engine.config.access_log:
             tenant = request.scope.get("state", {}).get("tenant")  # mutual TLS: the client certificate's subject
-            access_log.info(
-                "%s %s status=%d model=%s tokens=%s duration_ms=%.1f lane=%s trace_id=%s tenant=%s",
+            # Probes and scrapes come every few seconds from machines, not users: DEBUG, not INFO.
+            level = logging.DEBUG if route in QUIET_ROUTES else logging.INFO
+            access_log.log(
+                level, "%s %s status=%d model=%s tokens=%s duration_ms=%.1f lane=%s trace_id=%s tenant=%s",
                 request.method, route, response.status_code, model or "-", facts.get("tokens", "-"), duration * 1e3,
                 facts.get("lane", "-"), trace_id(request.headers.get("traceparent")) or "-",
                 json_string(tenant) if tenant else "-",

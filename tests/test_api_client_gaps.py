@@ -386,7 +386,10 @@ def test_one_access_line_per_request_at_info_with_metadata_only_and_off_with_the
     with caplog.at_level(logging.INFO, logger="infercore.access"):
         server.post("/v1/embeddings", json={"input": [secret, secret], "model": E5}, headers=headers)
         server.post("/v2/rerank", json={"model": "nope", "query": secret, "documents": [secret]})
-    lines = [r.getMessage() for r in caplog.records if r.name == "infercore.access"]
+        with server.client() as client:  # probes and scrapes: DEBUG only
+            client.get("/health")
+            client.get("/metrics")
+    lines = [r.getMessage() for r in caplog.records if r.name == "infercore.access" and r.levelno == logging.INFO]
     assert len(lines) == 2
     embedded, refused = lines
     assert embedded.startswith("POST /v1/embeddings status=200 model=multilingual-e5-large tokens=")
