@@ -273,7 +273,8 @@ class Engine:
 
     # ---- pipeline --------------------------------------------------------------------------
 
-    def _check_inputs(self, inputs: list[str]) -> None:
+    def _check_inputs(self, inputs: list[str] | list[list[int]]) -> None:
+        """Texts, or rows of token ids: not none, not too many, none empty."""
         if not inputs:
             raise ValidationError("inputs must not be empty")
         limit = self.config.max_client_batch_size
@@ -377,10 +378,7 @@ class Engine:
         with self.admission():
             handle = self.resolve(request.model, "text_embedding")
             model = handle.model
-            if request.input_ids is not None:
-                self._check_inputs(["ids"] * len(request.input_ids))
-            else:
-                self._check_inputs(request.inputs)
+            self._check_inputs(request.inputs if request.input_ids is None else request.input_ids)
             if request.dimensions is not None and not 0 < request.dimensions <= model.dimensions:
                 raise ValidationError(
                     f"dimensions must be between 1 and {model.dimensions} for model {model.id!r}, "
@@ -414,8 +412,6 @@ class Engine:
         truncate = self.config.auto_truncate if request.truncate is None else request.truncate
         tokenized = []
         for i, row in enumerate(request.input_ids):
-            if not row:
-                raise ValidationError(f"input {i} is empty")
             bad = next((t for t in row if not 0 <= t < vocab), None)
             if bad is not None:
                 raise ValidationError(
