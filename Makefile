@@ -47,7 +47,8 @@ test: setup-test clients
 
 # The client matrix (tests/test_client_matrix.py): each client library in its own venv under
 # .cache/clients/<name>/, installed with --no-deps from its lock (locks/clients/<name>.txt), so the venv
-# holds exactly the pinned set and never the server's dependencies. Re-installed when the lock changes.
+# holds exactly the pinned set and never the server's dependencies. Re-installed when the lock changes;
+# the stamp records the lock's sha256, and the matrix tests refuse a venv built from another lock.
 CLIENTS := openai cohere huggingface_hub langchain_openai llama_index grpc_reflection
 CLIENT_VENVS := .cache/clients
 
@@ -55,7 +56,7 @@ $(CLIENT_VENVS)/%/.installed: locks/clients/%.txt
 	rm -rf $(CLIENT_VENVS)/$*
 	$(PYTHON) -m venv $(CLIENT_VENVS)/$*
 	$(CLIENT_VENVS)/$*/bin/python -m pip install --disable-pip-version-check -q --no-deps -r $<
-	touch $@
+	sha256sum $< | cut -d' ' -f1 > $@
 
 .PHONY: clients lock-clients
 clients: $(foreach c,$(CLIENTS),$(CLIENT_VENVS)/$(c)/.installed)

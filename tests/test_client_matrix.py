@@ -16,6 +16,7 @@ A missing client venv fails the tests, naming ``make clients``: a matrix that sk
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -88,9 +89,14 @@ def client_env() -> dict[str, str]:
 def run_client(name: str, job: dict) -> dict:
     """Run tests/clients/<name>_client.py with the client's own venv; its JSON output."""
     python = CLIENT_VENVS / name / "bin" / "python"
-    if not (CLIENT_VENVS / name / ".installed").is_file() or not python.is_file():
+    stamp = CLIENT_VENVS / name / ".installed"
+    if not stamp.is_file() or not python.is_file():
         pytest.fail(f"the {name} client's venv {python.parent.parent} is missing: run `make clients` "
                     f"(installs locks/clients/{name}.txt into it)")
+    lock = hashlib.sha256((ROOT / "locks" / "clients" / f"{name}.txt").read_bytes()).hexdigest()
+    if stamp.read_text().strip() != lock:
+        pytest.fail(f"the {name} client's venv was built from another lock than locks/clients/{name}.txt: "
+                    "run `make clients`")
     started = time.monotonic()
     done = subprocess.run([str(python), str(SCRIPTS / f"{name}_client.py"), json.dumps(job)], capture_output=True,
                           text=True, timeout=CLIENT_TIMEOUT_S, env=client_env(), cwd=SCRIPTS)
@@ -255,11 +261,18 @@ def test_a_reflection_client_lists_the_services_over_v1_and_embeds_like_http(ser
     assert_error(run["errors"]["unknown_model"], "grpc._channel._InactiveRpcError", "NOT_FOUND", "no-such-model")
 
 
-def test_a_missing_client_venv_fails_naming_make_clients(monkeypatch, tmp_path):
+def test_a_missing_or_stale_client_venv_fails_naming_make_clients(monkeypatch, tmp_path):
     monkeypatch.setattr(sys.modules[__name__], "CLIENT_VENVS", tmp_path)
-    with pytest.raises(pytest.fail.Exception) as info:
+    with pytest.raises(pytest.fail.Exception) as missing:
         run_client("openai", {})
-    assert "make clients" in str(info.value)
+    assert "is missing: run `make clients`" in str(missing.value)
+    venv = tmp_path / "openai"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    (venv / ".installed").write_text("0" * 64 + "\n")  # built from some other lock
+    with pytest.raises(pytest.fail.Exception) as stale:
+        run_client("openai", {})
+    assert "another lock" in str(stale.value) and "make clients" in str(stale.value)
 
 
 def test_every_client_has_a_lock_a_script_and_a_make_target():
