@@ -26,6 +26,9 @@ class EmbedRequest:
     # vLLM take it): each row is the model's whole input as given, special tokens included; no prompt
     # or task instruction is added. ``inputs`` is then empty.
     input_ids: list[list[int]] | None = None
+    # Every token's last hidden state instead of one pooled vector (TEI's /embed_all): ``vectors``
+    # then holds [tokens, hidden] arrays; normalize and dimensions do not apply.
+    per_token: bool = False
     # Scheduling: lane ("search" | "ingest" | "batch"; None picks one from the request's size)
     # and how long the client waits, in seconds (None: the server's --request-timeout).
     priority: str | None = None

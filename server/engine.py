@@ -395,6 +395,7 @@ class Engine:
                 dimensions=request.dimensions,
                 skip_leading=model.prompt_skip_tokens(prompt_name),
                 task=task,
+                per_token=request.per_token,
             )
             return await self._run(handle, texts, options, request.truncate, request.truncate_left,
                                    request.priority, request.timeout_s, started)

@@ -293,6 +293,26 @@ def test_similarity_is_the_cosine_of_the_native_embeddings(server):
     assert got == pytest.approx((vectors[1:] @ vectors[0]).tolist(), abs=1e-5)
 
 
+def test_embed_all_is_every_tokens_last_hidden_state_as_transformers_computes_it(server, minilm_dir):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    got = ok(server.post("/embed_all", json={"inputs": DOCUMENTS[:2]}))
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    model = AutoModel.from_pretrained(minilm_dir).eval()
+    for text, states in zip(DOCUMENTS[:2], got):
+        encoded = tokenizer(text, return_tensors="pt")
+        with torch.inference_mode():
+            expected = model(**encoded).last_hidden_state[0].numpy()
+        assert np.asarray(states).shape == expected.shape == (encoded["input_ids"].shape[1], 384)
+        np.testing.assert_allclose(np.asarray(states, dtype=np.float32), expected, atol=2e-4)
+    # MiniLM mean-pools: the mean of the states is its unnormalised vector
+    pooled = native_embed(server, DOCUMENTS[0], normalize=False)[0]
+    np.testing.assert_allclose(np.asarray(got[0]).mean(axis=0), pooled, atol=2e-4)
+    typo = server.post("/embed_all", json={"inputs": "x", "normalize": True})
+    assert typo.status_code == 422 and "normalize" in typo.json()["error"]
+
+
 def test_post_root_dispatches_as_inference_client_sends_each_task(server):
     features = ok(server.post("/", json={"inputs": QUERY, "normalize": True}))
     np.testing.assert_allclose(np.asarray(features, dtype=np.float32), native_embed(server, QUERY), atol=1e-6)

@@ -1,10 +1,14 @@
 """The rest of Hugging Face TEI's routes, so TEI clients (``huggingface_hub.InferenceClient`` with a
-``base_url``) work unchanged: POST /predict, /similarity, and POST / dispatching by the request.
+``base_url``) work unchanged: POST /predict, /similarity, /embed_all, and POST / dispatching by the
+request.
 
     /predict    {"inputs": str | [str, str] | [[str] | [str, str], ...], "truncate"?, "raw_scores"?, "model"?}
       -> [{"score", "label"}] for one input, [[{"score", "label"}], ...] for a batch
     /similarity {"inputs": {"source_sentence": str, "sentences": [str]}, "truncate"?, "prompt_name"?, "model"?}
       -> [cosine of each sentence's embedding with the source sentence's]
+    /embed_all  {"inputs": str | [str], "truncate"?, "truncation_direction"?, "prompt_name"?, "model"?}
+      -> [[[float] per token] per input]: the encoder's last hidden state of every token (special
+         and prompt tokens included), before pooling, Dense layers and normalisation
     /           TEI serves its model's task here; InferenceClient sends every task to this one URL, so
                 the body decides: ``inputs`` an object → /similarity; a ``parameters`` object
                 (``text_classification``) → classification, answered as the HF Inference API does,
@@ -14,7 +18,6 @@
 Classification runs a cross-encoder (the rerank models here) as TEI runs a one-label sequence
 classifier: the logit of the text (or text pair), through a sigmoid unless ``raw_scores`` (TEI) or
 ``"function_to_apply": "none"`` (HF Inference API), labelled as the checkpoint labels it (LABEL_0).
-/embed_all (per-token vectors) is not served: the runners here pool on the device.
 
 Errors: TEI's ``{"error", "error_type"}``.
 """
@@ -69,6 +72,14 @@ class SimilarityBody(msgspec.Struct, forbid_unknown_fields=True):
     truncation_direction: Literal["right", "left", "Right", "Left"] = "right"
     prompt_name: str | None = None
     parameters: dict[str, Any] | None = None  # InferenceClient's (empty) parameters object
+    model: str | None = None
+
+
+class EmbedAllBody(msgspec.Struct, forbid_unknown_fields=True):
+    inputs: str | list[str]
+    truncate: bool | None = None
+    truncation_direction: Literal["right", "left", "Right", "Left"] = "right"
+    prompt_name: str | None = None
     model: str | None = None
 
 
@@ -174,6 +185,24 @@ def routes(engine: Engine) -> list[Route]:
         result = await until_disconnect(request, work)
         return json_response([v.tolist() for v in result.vectors], headers=result_headers(result))
 
+    async def embed_all(request: Request) -> Response:
+        body = decode_json(await read_body(request, limit), EmbedAllBody)
+        priority, timeout_s = scheduling_hints(request)
+        work = engine.embed(
+            EmbedRequest(
+                inputs=[body.inputs] if isinstance(body.inputs, str) else body.inputs,
+                model=body.model,
+                truncate=body.truncate,
+                truncate_left=body.truncation_direction.lower() == "left",
+                prompt_name=body.prompt_name,
+                per_token=True,
+                priority=priority,
+                timeout_s=timeout_s,
+            )
+        )
+        result = await until_disconnect(request, work)
+        return json_response([states.tolist() for states in result.vectors], headers=result_headers(result))
+
     async def root(request: Request) -> Response:
         raw = await read_body(request, limit)
         shape = decode_json(raw, dict)
@@ -193,4 +222,5 @@ def routes(engine: Engine) -> list[Route]:
     def route(path: str, handler) -> Route:
         return Route(path, endpoint(engine, path, format_error, handler), methods=["POST"])
 
-    return [route("/", root), route("/predict", predict), route("/similarity", similarity)]
+    return [route("/", root), route("/predict", predict), route("/similarity", similarity),
+            route("/embed_all", embed_all)]
