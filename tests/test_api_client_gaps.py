@@ -321,6 +321,10 @@ def test_post_root_dispatches_as_inference_client_sends_each_task(server):
     classified = ok(server.post("/", json={"inputs": QUERY, "parameters": {}, "model": "cross"}))
     single = ok(server.post("/predict", json={"inputs": QUERY, "model": "cross"}))
     assert classified == [[{"label": "LABEL_0", "score": pytest.approx(single[0]["score"], abs=1e-6)}]]
+    reranked = ok(server.post("/", json={"query": QUERY, "texts": DOCUMENTS, "model": "cross", "return_text": True}))
+    native = ok(server.post("/rerank", json={"query": QUERY, "texts": DOCUMENTS, "model": "cross",
+                                             "return_text": True}))
+    assert reranked == native
     typo = server.post("/", json={"inputs": QUERY, "normalise": False})
     assert typo.status_code == 422 and "normalise" in typo.json()["error"]
 
@@ -426,3 +430,20 @@ def test_one_access_line_per_request_at_info_with_metadata_only_and_off_with_the
     assert not [r for r in caplog.records if r.name == "infercore.access"]
     assert config_from_args(build_parser().parse_args(["serve", "--no-access-log"])).access_log is False
     assert config_from_args(build_parser().parse_args(["serve"])).access_log is True
+
+
+def test_post_root_on_a_server_whose_default_model_is_sparse_answers_embed_sparse():
+    from infercore.models.catalog import lookup
+    from tests.engine_harness import make_engine
+
+    engine = make_engine("splade-tiny", lookup("splade-tiny").starter_path())
+    try:
+        server = InProcessServer(engine).start()
+        try:
+            texts = ["a heron in the reeds", "the ferry passed"]
+            native = ok(server.post("/embed_sparse", json={"inputs": texts}))
+            assert ok(server.post("/", json={"inputs": texts})) == native
+        finally:
+            server.stop()
+    finally:
+        engine.shutdown()

@@ -10,10 +10,11 @@ request.
       -> [[[float] per token] per input]: the encoder's last hidden state of every token (special
          and prompt tokens included), before pooling, Dense layers and normalisation
     /           TEI serves its model's task here; InferenceClient sends every task to this one URL, so
-                the body decides: ``inputs`` an object → /similarity; a ``parameters`` object
-                (``text_classification``) → classification, answered as the HF Inference API does,
-                ``[[{"label", "score"}]]``; anything else → /embed (``feature_extraction``), or /predict
-                when the default (first) model is a reranker.
+                the body decides: a ``query`` → /rerank (as TEI matches it first); ``inputs`` an
+                object → /similarity; a ``parameters`` object (``text_classification``) →
+                classification, answered as the HF Inference API does, ``[[{"label", "score"}]]``;
+                anything else → what the default (first) model does: /embed (``feature_extraction``),
+                /embed_sparse, or for a reranker /predict.
 
 Classification runs a cross-encoder (the rerank models here) as TEI runs a one-label sequence
 classifier: the logit of the text (or text pair), through a sigmoid unless ``raw_scores`` (TEI) or
@@ -33,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..canonical import EmbedRequest, PredictRequest
+from ..canonical import EmbedRequest, PredictRequest, RerankRequest, SparseEmbedRequest
 from ..engine import Engine
 from ..errors import InferenceError, ValidationError
 from ..http import decode_json, endpoint, json_response, read_body, result_headers, scheduling_hints, until_disconnect
@@ -80,6 +81,24 @@ class EmbedAllBody(msgspec.Struct, forbid_unknown_fields=True):
     truncate: bool | None = None
     truncation_direction: Literal["right", "left", "Right", "Left"] = "right"
     prompt_name: str | None = None
+    model: str | None = None
+
+
+class RerankBody(msgspec.Struct, forbid_unknown_fields=True):
+    query: str
+    texts: list[str]
+    top_n: int | None = None
+    return_text: bool = False
+    raw_scores: bool = False
+    truncate: bool | None = None
+    truncation_direction: Literal["right", "left", "Right", "Left"] = "right"
+    model: str | None = None
+
+
+class SparseBody(msgspec.Struct, forbid_unknown_fields=True):
+    inputs: str | list[str]
+    truncate: bool | None = None
+    truncation_direction: Literal["right", "left", "Right", "Left"] = "right"
     model: str | None = None
 
 
@@ -203,9 +222,35 @@ def routes(engine: Engine) -> list[Route]:
         result = await until_disconnect(request, work)
         return json_response([states.tolist() for states in result.vectors], headers=result_headers(result))
 
+    async def rerank(request: Request, raw: bytes) -> Response:
+        body = decode_json(raw, RerankBody)
+        priority, timeout_s = scheduling_hints(request)
+        work = engine.rerank(RerankRequest(body.query, body.texts, model=body.model, top_n=body.top_n,
+                                           raw_scores=body.raw_scores, truncate=body.truncate, priority=priority,
+                                           timeout_s=timeout_s))
+        result = await until_disconnect(request, work)
+        ranked = [{"index": r.index, "score": r.score} for r in result.ranked]
+        if body.return_text:
+            ranked = [{**r, "text": body.texts[r["index"]]} for r in ranked]
+        return json_response(ranked, headers=result_headers(result))
+
+    async def embed_sparse(request: Request, raw: bytes) -> Response:
+        body = decode_json(raw, SparseBody)
+        priority, timeout_s = scheduling_hints(request)
+        work = engine.embed_sparse(SparseEmbedRequest(
+            [body.inputs] if isinstance(body.inputs, str) else body.inputs, model=body.model, truncate=body.truncate,
+            truncate_left=body.truncation_direction.lower() == "left", priority=priority, timeout_s=timeout_s,
+        ))
+        result = await until_disconnect(request, work)
+        payload = [[{"index": i, "value": w} for i, w in zip(v.ids.tolist(), v.weights.tolist())]
+                   for v in result.vectors]
+        return json_response(payload, headers=result_headers(result))
+
     async def root(request: Request) -> Response:
         raw = await read_body(request, limit)
         shape = decode_json(raw, dict)
+        if "query" in shape:
+            return await rerank(request, raw)
         if isinstance(shape.get("inputs"), dict):
             return await similarity(request, raw)
         if isinstance(shape.get("parameters"), dict):
@@ -214,9 +259,8 @@ def routes(engine: Engine) -> list[Route]:
         first = next(iter(engine.models.values())).model
         if first.task == "rerank":
             return await predict(request, raw)
-        if first.task != "text_embedding":
-            raise ValidationError(f"POST / serves the default model's task; {first.id!r} is a {first.task} model: "
-                                  "use POST /embed_sparse")
+        if first.task == "sparse_embedding":
+            return await embed_sparse(request, raw)
         return await feature_extraction(request, raw)
 
     def route(path: str, handler) -> Route:
