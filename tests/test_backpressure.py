@@ -289,6 +289,23 @@ def test_a_request_larger_than_the_whole_queue_gets_413_naming_the_bound_under_s
     assert [r.status_code for r in halves] == [200, 200]
 
 
+def test_an_oversize_request_gets_413_every_time_under_steady_competing_load(engine, server):
+    # Real competing traffic this time (bounded: 2 clients x 15 requests), not a held queue; two, so
+    # that with the oversize client they stay within MAX_CONCURRENT_REQUESTS (3) and every refusal
+    # seen is the queue's.
+    long_input = text_of_tokens(engine, "tiny", 70)
+    forty = text_of_tokens(engine, "tiny", 40)
+    with ThreadPoolExecutor(2) as pool:
+        competing = [pool.submit(lambda: [embed(server, [forty]).status_code for _ in range(15)]) for _ in range(2)]
+        oversize = []
+        while not all(f.done() for f in competing) and len(oversize) < 20:
+            oversize.append(embed(server, [long_input, long_input]))
+        statuses = [status for f in competing for status in f.result(timeout=120)]
+    assert oversize and all(r.status_code == 413 for r in oversize), [r.status_code for r in oversize]
+    assert all("--max-queued-tokens" in r.json()["error"] for r in oversize)
+    assert set(statuses) <= {200, 429} and 200 in statuses  # the competing load was served meanwhile
+
+
 def test_retry_after_reflects_the_measured_drain_rate(engine, server):
     forty = text_of_tokens(engine, "tiny", 40)
     with HeldServer(engine, server) as held:
