@@ -1,6 +1,7 @@
 """The API gaps real clients ran into (issue 20), over HTTP against one in-process engine serving an
 embedding model (MiniLM, the default), a tiny XLM-R served under the natural name of multilingual-e5-large
-(so the catalog's prompts must follow the alias), and a tiny cross-encoder.
+(so the catalog's prompts must follow the alias), a tiny jina-embeddings-v3 (task adapters) and a tiny
+cross-encoder.
 
 Every expectation is stated against the server's own native route on the same weights: a dialect's
 field must do exactly what the native field it maps to does.
@@ -32,17 +33,20 @@ DOCUMENTS = [
     "A heron waited in the reeds until the ferry had passed.",
 ]
 E5 = "multilingual-e5-large"
+JINA_V3 = "jina-embeddings-v3"
 
 
 @pytest.fixture(scope="module")
 def engine(minilm_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("gaps")
     e5_dir = tiny_jina.build_multilingual_e5(root / "some-e5-checkout")  # a name the catalog cannot know
+    jina_v3 = tiny_jina.build_jina_v3(root / "jina-v3")
     cross_encoder = tiny_checkpoints.build_bert_with_head(
         root / "cross", "BertForSequenceClassification", seed=3, num_labels=1
     )
     config = ServerConfig(
-        models=[ModelSource("minilm", minilm_dir), ModelSource(E5, e5_dir), ModelSource("cross", cross_encoder)],
+        models=[ModelSource("minilm", minilm_dir), ModelSource(E5, e5_dir), ModelSource(JINA_V3, jina_v3),
+                ModelSource("cross", cross_encoder)],
         cpu_workers=1, tokenization_workers=1,
     )
     engine = Engine(config)
@@ -135,6 +139,32 @@ def test_input_type_and_prompt_name_pick_the_e5_prompts_as_the_native_prompt_nam
     # no field: the catalog's default prompt (passage), even though the model is served under an alias
     plain = openai_vectors(ok(server.post("/v1/embeddings", json={"input": QUERY, "model": E5})))
     np.testing.assert_allclose(plain, passage, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("fields", "task"),
+    [
+        ({"task": "retrieval.query"}, "retrieval.query"),  # Jina's field
+        ({"input_type": "search_query"}, "retrieval.query"),  # Cohere's, mapped to the model's task
+        ({"input_type": "search_document"}, "retrieval.passage"),
+        ({"input_type": "classification"}, "classification"),
+        ({"input_type": "clustering"}, "separation"),
+        ({"input_type": "search_query", "task": "text-matching"}, "text-matching"),  # an explicit task wins
+    ],
+)
+def test_task_and_input_type_pick_jina_v3s_adapter_as_the_native_task_does(server, fields, task):
+    body = ok(server.post("/v1/embeddings", json={"input": [QUERY], "model": JINA_V3, **fields}))
+    np.testing.assert_allclose(openai_vectors(body), native_embed(server, [QUERY], model=JINA_V3, task=task),
+                               atol=1e-6)
+    if "task" not in fields:
+        v2 = ok(server.post("/v2/embed", json={"model": JINA_V3, "texts": [QUERY], **fields}))
+        np.testing.assert_allclose(np.asarray(v2["embeddings"]["float"]), openai_vectors(body), atol=1e-6)
+
+
+def test_the_tasks_differ(server):
+    query = native_embed(server, [QUERY], model=JINA_V3, task="retrieval.query")
+    passage = native_embed(server, [QUERY], model=JINA_V3, task="retrieval.passage")
+    assert not np.allclose(query, passage, atol=1e-3)
 
 
 def test_normalized_false_and_truncate_do_what_the_native_fields_do(server, engine):
