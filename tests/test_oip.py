@@ -1,4 +1,4 @@
-"""The Open Inference Protocol v2 (server/dialects/oip.py, oip_grpc.py): health, metadata and inference
+"""The Open Inference Protocol v2 (server/dialects/oip.py): health, metadata and inference
 over REST (JSON and binary tensor data) and gRPC give the native routes' numbers; bad requests get a
 400/404 naming the problem. test_tritonclient_http_and_grpc_get_the_native_numbers drives the same
 server with an independent client (tritonclient, from the client matrix's venv).
