@@ -42,8 +42,28 @@ setup-test: $(TEST_STAMP)
 serve: setup
 	$(VENV)/bin/infercore serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
-test: setup-test
+test: setup-test clients
 	INFERCORE_LOCK=$(LOCK) $(PY) -m pytest $(PYTEST_ARGS)
+
+# The client matrix (tests/test_client_matrix.py, and tritonclient for tests/test_oip.py): each client library in its own venv under
+# .cache/clients/<name>/, installed with --no-deps from its lock (locks/clients/<name>.txt), so the venv
+# holds exactly the pinned set and never the server's dependencies. Re-installed when the lock changes;
+# the stamp records the lock's sha256, and the matrix tests refuse a venv built from another lock.
+CLIENTS := openai cohere huggingface_hub langchain_openai llama_index grpc_reflection tritonclient
+CLIENT_VENVS := .cache/clients
+
+$(CLIENT_VENVS)/%/.installed: locks/clients/%.txt
+	rm -rf $(CLIENT_VENVS)/$*
+	$(PYTHON) -m venv $(CLIENT_VENVS)/$*
+	$(CLIENT_VENVS)/$*/bin/python -m pip install --disable-pip-version-check -q --no-deps -r $<
+	sha256sum $< | cut -d' ' -f1 > $@
+
+.PHONY: clients lock-clients
+clients: $(foreach c,$(CLIENTS),$(CLIENT_VENVS)/$(c)/.installed)
+
+# Re-resolve the client locks (newest versions locks/clients.py allows); commit the result.
+lock-clients:
+	$(PYTHON) locks/clients.py
 
 .PHONY: lock test-latest
 # Re-resolve both locks from pyproject.toml's ranges (newest allowed versions); commit the result.

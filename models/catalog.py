@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,13 @@ def register(entry: CatalogEntry) -> CatalogEntry:
 
 
 def lookup(model_id: str) -> CatalogEntry | None:
-    return CATALOG.get(model_id)
+    """The entry whose id or one of whose aliases is ``model_id`` (case-insensitive), so a model served
+    under its natural name (``multilingual-e5-large``) gets the entry's prompts and limits."""
+    entry = CATALOG.get(model_id)
+    if entry is not None or not model_id:
+        return entry
+    name = model_id.lower()
+    return next((e for e in CATALOG.values() if name == e.id.lower() or name in e.aliases), None)
 
 
 def recognise(config: dict[str, Any], directory_name: str) -> CatalogEntry | None:
@@ -88,6 +95,29 @@ def _matches(value: Any, expected: Any) -> bool:
     if callable(expected):
         return value is not None and bool(expected(value))
     return value == expected
+
+
+def output_dimensions(entry: CatalogEntry) -> int | None:
+    """The model's output width: the largest Matryoshka size, else the "<N>-d" its description states
+    (entries record the width only there); None for sparse and rerank models."""
+    if entry.task != "text_embedding":
+        return None
+    if entry.matryoshka_dimensions:
+        return max(entry.matryoshka_dimensions)
+    found = re.search(r"\b(\d+)-d\b", entry.description)
+    return int(found.group(1)) if found else None
+
+
+def weights_source(entry: CatalogEntry) -> str:
+    """Where the weights come from: the starter package, or the upstream repository the description
+    starts with (infercore downloads nothing; the operator fetches the directory)."""
+    if entry.starter_install:
+        return entry.starter_install
+    head = entry.description.split(":", 1)[0]
+    if "/" in head and " " not in head:
+        return f"the Hugging Face repository {head} (safetensors; fetch it yourself, then --model {entry.id}=DIR)"
+    stated = re.search(r"weights: ([^)]*)", entry.description)
+    return stated.group(1) if stated else "not recorded: see the description"
 
 
 def starter_entries() -> list[CatalogEntry]:

@@ -40,6 +40,9 @@ class EmbedOptions:
     skip_leading: int = 0
     # Task adapter (LoRA) of models that have them (jina-embeddings-v3/v5); None: the base weights.
     task: str | None = None
+    # The encoder's last hidden state of every token ([tokens, hidden], TEI's /embed_all) instead of
+    # the pooled vector; pooling, Dense layers, dimensions and normalisation do not apply.
+    per_token: bool = False
 
 
 class DenseLayer(nn.Module):
@@ -84,7 +87,8 @@ class EmbeddingModel:
     def run(self, batch: PackedBatch, options: Sequence[EmbedOptions]) -> list[np.ndarray]:
         """Embed every input of ``batch``; ``options[i]`` applies to input i.
 
-        Returns one float32 vector per input, of length ``options[i].dimensions`` (or full).
+        Returns one float32 vector per input, of length ``options[i].dimensions`` (or full), or with
+        ``options[i].per_token`` the input's [tokens, hidden] float32 hidden states.
         """
         if any(o.task for o in options):
             batch = dataclasses.replace(batch, adapters=tuple(o.task for o in options))
@@ -105,4 +109,10 @@ class EmbeddingModel:
         else:  # nothing between pooling and normalising: one fused kernel on CUDA
             out = pool_truncate_normalize(hidden, batch.cu_seqlens, self.pooling, dims_t, normalize, skip)
         host = out.cpu().numpy()
-        return [host[i, :d] for i, d in enumerate(dims)]
+        results = [host[i, :d] for i, d in enumerate(dims)]
+        if any(o.per_token for o in options):
+            bounds = batch.cu_seqlens.tolist()
+            for i, o in enumerate(options):
+                if o.per_token:
+                    results[i] = hidden[bounds[i]:bounds[i + 1]].float().cpu().numpy()
+        return results

@@ -196,11 +196,17 @@ def load_model(
     cache); raises CheckpointError with a plain reason."""
     path = materialize_eland(path) or path
     spec = read_model_dir(path)
-    entry = lookup(model_id) or lookup(spec.settings.get("catalog_id", ""))
+    entry, how = lookup(model_id), "its id or an alias"
+    if entry is None and "catalog_id" in spec.settings:
+        entry, how = lookup(spec.settings["catalog_id"]), "its catalog_id setting"
     if entry is None and "catalog_id" not in spec.settings:
         entry = recognise(spec.config, spec.path.name)
-        if entry is not None:
-            log.info("model %s: %s is recognised as the catalog's %s", model_id, spec.path, entry.id)
+        how = "its config.json or its directory name"
+    if entry is not None:
+        log.info("model %s: catalog entry %s (matched by %s)", model_id, entry.id, how)
+    else:
+        log.info("model %s: no catalog entry (matched neither an id, an alias, %s's config.json nor its name)",
+                 model_id, spec.path)
     settings = spec.resolve_settings(entry)
     task = infer_task(spec, entry)
     require_served_task(task, spec.path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .catalog import starter_entries
+from .catalog import lookup, starter_entries, weights_source
 from .checkpoint import CheckpointError
 from .eland import find_eland_archive
 
@@ -72,6 +72,13 @@ def resolve_sources(models: list[ModelSource], models_dir: Path | None) -> list[
     seen: set[str] = set()
     for source in sources:
         if not source.path.is_dir() and find_eland_archive(source.path) is None:
+            entry = lookup(str(source.path))
+            if entry is not None and not source.path.exists():
+                raise CheckpointError(
+                    f"{str(source.path)!r} is the catalog entry {entry.id} ({entry.task}), but no weights are here: "
+                    f"infercore downloads nothing. Get them from {weights_source(entry)} and pass "
+                    f"--model {entry.id}=DIR"
+                )
             raise CheckpointError(
                 f"model {source.id!r}: {source.path} is not a directory (nor an Elastic .pt archive with its "
                 ".vocab.json and .metadata.json)"

@@ -18,7 +18,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .dialects import cohere, eis, elasticsearch, native, oip, openai
+from .dialects import cohere, cohere_v2, eis, elasticsearch, native, oip, openai, tei
 from .engine import Engine
 from .errors import InferenceError, MalformedRequest, MethodNotAllowed, RouteNotFound
 from .http import json_response
@@ -29,8 +29,10 @@ log = logging.getLogger("infercore.app")
 # At shutdown, after the drain: what gRPC calls are left (idle streams, health watches) get this long.
 GRPC_STOP_GRACE_S = 2.0
 
-# Every HTTP dialect, in route-matching order; each has routes(engine) and format_error(exc).
-HTTP_DIALECTS = (native, openai, cohere, elasticsearch, eis, oip)
+# Every HTTP dialect, in route-matching order; each has routes(engine) and format_error(exc). No two
+# share a (path, method): TEI's is POST /, the Open Inference Protocol's GET /v2 and /v2/models/...,
+# /v2/health/..., Cohere v2's POST /v2/embed and /v2/rerank (tests/test_fuzz.py checks every route).
+HTTP_DIALECTS = (native, openai, cohere, cohere_v2, tei, elasticsearch, eis, oip)
 # A 404/405 under one of these prefixes answers in that dialect's error shape (a path a dialect
 # serves answers in its own; any other path in the native shape).
 ERROR_SHAPE_PREFIXES = {"/_inference/": elasticsearch, "/v2/models/": oip, "/v2/health/": oip}
@@ -73,7 +75,7 @@ def create_app(engine: Engine, on_load_failure: Callable[[], None] | None = None
         format_error = formatter_by_path.get(path) or next(
             (fmt for prefix, fmt in formatter_by_prefix.items() if path.startswith(prefix)), native.format_error
         )
-        engine.metrics.observe_request("unmatched" if exc.status_code == 404 else path, exc.status_code, 0.0)
+        engine.metrics.observe_request("unmatched" if exc.status_code == 404 else path, exc.status_code, 0.0, "")
         return json_response(format_error(error), exc.status_code, exc.headers)
 
     return Starlette(

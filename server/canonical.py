@@ -59,6 +59,13 @@ class EmbedRequest:
     # Task of multi-task models (jina-embeddings-v3: retrieval.query, retrieval.passage, ...):
     # picks the task's adapter and instruction; None: the model's default task.
     task: str | None = None
+    # Token ids in the model's own vocabulary instead of text (OpenAI's token-array input, as TEI and
+    # vLLM take it): each row is the model's whole input as given, special tokens included; no prompt
+    # or task instruction is added. ``inputs`` is then empty.
+    input_ids: list[list[int]] | None = None
+    # Every token's last hidden state instead of one pooled vector (TEI's /embed_all): ``vectors``
+    # then holds [tokens, hidden] arrays; normalize and dimensions do not apply.
+    per_token: bool = False
     # Scheduling: lane ("search" | "ingest" | "batch"; None picks one from the request's size)
     # and how long the client waits, in seconds (None: the server's --request-timeout).
     priority: str | None = None
@@ -93,6 +100,19 @@ class RerankRequest:
     model: str | None = None
     top_n: int | None = None
     raw_scores: bool = False
+    truncate: bool | None = None
+    priority: str | None = None
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """A cross-encoder as a sequence classifier (TEI's /predict): one logit per input, each input a
+    text or a (text, text_pair) pair laid out by the model's pair template. Cut to the model's limit
+    when ``truncate`` (None: the server's --auto-truncate), else a 413."""
+
+    inputs: list[str | tuple[str, str]]
+    model: str | None = None
     truncate: bool | None = None
     priority: str | None = None
     timeout_s: float | None = None

@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     models_commands = models.add_subparsers(dest="models_command", required=True)
     listing = models_commands.add_parser("list", help="print the configured models and whether they load")
     add_server_flags(listing, ("models", "models_dir"))
+    models_commands.add_parser(
+        "catalog",
+        help="print every catalog entry: task, architecture, dimensions, prompts, where the weights come from",
+    )
     verify = models_commands.add_parser("verify", help="check a model directory and run it once on the CPU")
     verify.add_argument("path", type=Path)
     importing = models_commands.add_parser(
@@ -110,6 +114,25 @@ def list_models(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in reports) else 1
 
 
+def list_catalog(args: argparse.Namespace) -> int:
+    from ..models.catalog import CATALOG, output_dimensions, weights_source
+
+    for entry in CATALOG.values():
+        print(entry.id)
+        print(f"  task: {entry.task}  architecture: {entry.family}  dimensions: {output_dimensions(entry) or '-'}"
+              f"  max input tokens: {entry.max_input_tokens or '-'}")
+        if entry.aliases:
+            print(f"  aliases: {', '.join(entry.aliases)}")
+        if entry.prompts:
+            prompts = ", ".join(f"{name}={text!r}" for name, text in entry.prompts.items())
+            print(f"  prompts: {prompts} (default: {entry.default_prompt_name or 'none'})")
+        if entry.tasks:
+            print(f"  tasks: {', '.join(entry.tasks)} (default: {entry.default_task or 'none'})")
+        print(f"  weights: {weights_source(entry)}")
+        print(f"  {entry.description}")
+    return 0
+
+
 def verify_model(args: argparse.Namespace) -> int:
     from ..models.verify import verify_model_dir
 
@@ -140,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args)
         if args.models_command == "list":
             return list_models(args)
+        if args.models_command == "catalog":
+            return list_catalog(args)
         if args.models_command == "import":
             return import_model(args)
         return verify_model(args)

@@ -209,6 +209,10 @@ class ServerConfig:
     )
     cpu_threads: int = setting(1, "intra-op threads of each CPU executor", parse=positive_int)
     log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
+    access_log: bool = setting(
+        True, "log one INFO line per request: method, route, model, status, tokens, duration, lane, trace id, "
+        "mTLS subject; never input text (--no-access-log: none)", switch=True,
+    )
     # gRPC front end (server/grpc_server.py) on --host.
     grpc_port: int | None = setting(
         None, "also serve the gRPC API (infercore.v1) on this port of --host (default: off; 0 picks a free port)",

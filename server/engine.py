@@ -40,6 +40,7 @@ from .canonical import (
     EmbedResult,
     ImageInput,
     InputGroup,
+    PredictRequest,
     Ranked,
     RerankRequest,
     RerankResult,
@@ -386,6 +387,10 @@ class Engine:
         with self.admission():
             handle = self.resolve(request.model, "text_embedding")
             model = handle.model
+            if request.input_ids is not None:
+                check_inputs(request.input_ids, self.config.max_client_batch_size)
+                check_dimensions(request, model)
+                return await self._embed_ids(handle, request, started)
             flat, groups = _flatten(request.inputs)
             check_embed_inputs(request.inputs, flat, self.config.max_client_batch_size)
             check_dimensions(request, model)
@@ -405,6 +410,7 @@ class Engine:
                     dimensions=request.dimensions,
                     skip_leading=model.prompt_skip_tokens(prompt_name),
                     task=task,
+                    per_token=request.per_token,
                 )
                 return await self._run(handle, texts, options, request.truncate, request.truncate_left,
                                        request.priority, request.timeout_s, started)
@@ -499,6 +505,37 @@ class Engine:
                 raise outcome
         return list(outcomes)
 
+    async def _embed_ids(self, handle: ModelHandle, request: EmbedRequest, started: float) -> EmbedResult:
+        """Token-id input: each row checked against the model's vocabulary and token limit (cut
+        on the right when truncation is on, else a 413), then embedded as given."""
+        model = handle.model
+        if request.prompt_name is not None:
+            raise ValidationError("token-id input is embedded as given: prepend the prompt's tokens instead "
+                                  "of sending prompt_name")
+        task, _ = resolve_task(model, request.task)  # the task's adapter; its instruction is not added
+        vocab = model.tokenizer.vocab_size
+        limit = model.max_input_tokens
+        truncate = self.config.auto_truncate if request.truncate is None else request.truncate
+        tokenized = []
+        for i, row in enumerate(request.input_ids):
+            bad = next((t for t in row if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValidationError(
+                    f"input {i}: token id {bad} is outside the vocabulary of model {model.id!r} (0..{vocab - 1}); "
+                    "token ids are in the model's own vocabulary (POST /tokenize)"
+                )
+            cut = len(row) > limit
+            if cut and not truncate:
+                raise PayloadTooLarge(
+                    f"input {i} is too long: {len(row)} tokens; this model accepts at most {limit} tokens per "
+                    "input. Send shorter inputs or set \"truncate\": true"
+                )
+            ids = row[-limit:] if request.truncate_left else row[:limit]
+            tokenized.append(TokenizedInput(ids, [0] * len(ids), cut))
+        options = EmbedOptions(normalize=request.normalize, dimensions=request.dimensions, task=task)
+        return await self._run(handle, [], options, truncate, False, request.priority, request.timeout_s, started,
+                               tokenized=tokenized)
+
     async def embed_sparse(self, request: SparseEmbedRequest) -> EmbedResult:
         """Term ids and weights per input, heaviest first (``SparseVector``s in ``vectors``), and with
         ``return_terms`` their tokens (``terms``)."""
@@ -542,6 +579,42 @@ class Engine:
             timings=timings,
         )
 
+    async def predict(self, request: PredictRequest) -> EmbedResult:
+        """A cross-encoder's logit per input (``vectors`` holds floats): single texts, or pairs in the
+        model's pair template with the first text cut to the model's query cap. Listwise models and
+        the bi-encoder stand-in score lists, not sequences, and are refused."""
+        started = time.perf_counter()
+        with self.admission():
+            handle = self.resolve(request.model, "rerank")
+            model = handle.model
+            if model.runner.listwise:
+                raise ValidationError(f"model {model.id!r} is a listwise reranker: it scores a query against "
+                                      "documents (POST /rerank), not single sequences")
+            check_inputs([t for item in request.inputs for t in ([item] if isinstance(item, str) else item)],
+                         self.config.max_client_batch_size)
+            truncate = self.config.auto_truncate if request.truncate is None else request.truncate
+
+            def tokenize() -> list[TokenizedInput]:
+                tokenized = []
+                for i, item in enumerate(request.inputs):
+                    try:
+                        if isinstance(item, str):
+                            tokenized.append(model.tokenizer.encode_batch([item], truncate)[0])
+                        else:
+                            pair = model.tokenizer.encode_pairs(item[0], [item[1]], model.max_query_tokens, False,
+                                                                model.window_overlap_tokens, 1, truncate)
+                            tokenized.append(pair[0].tokens)
+                    except InputTooLong as exc:
+                        raise PayloadTooLarge(
+                            f"input {i} is {exc.tokens} tokens, more than this model's {exc.limit}; "
+                            "send \"truncate\": true"
+                        ) from None
+                return tokenized
+
+            tokenized = await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, tokenize)
+            return await self._run(handle, [], model.runner.default_options(), truncate, False, request.priority,
+                                   request.timeout_s, started, tokenized=tokenized)
+
     # ---- what reranking strategies use (server/reranking.py RerankPipeline) ------------------
 
     @property
@@ -570,14 +643,17 @@ class Engine:
     async def _run(
         self, handle: ModelHandle, texts: list[str], options: Any, truncate: bool | None, truncate_left: bool,
         priority: str | None, timeout_s: float | None, started: float,
+        tokenized: list[TokenizedInput] | None = None,
     ) -> EmbedResult:
         """The pipeline every task shares: tokenize off the loop, pick the lane, queue, wait, account.
-        Runs inside ``admission()``; ``options`` is the runner's per-input options for every input."""
+        Runs inside ``admission()``; ``options`` is the runner's per-input options for every input.
+        ``tokenized``: inputs already in token ids (``texts`` is then empty)."""
         model = handle.model
         until = request_deadline(timeout_s, self.config.request_timeout_s, started)
         check_priority(priority)
         truncate = self.config.auto_truncate if truncate is None else truncate
-        tokenized = await self._tokenize(model, texts, truncate, truncate_left)
+        if tokenized is None:
+            tokenized = await self._tokenize(model, texts, truncate, truncate_left)
         tokenized_at = time.perf_counter()
         lane = self._lane(priority, tokenized)
         results = await self.compute(handle, tokenized, [options] * len(tokenized), lane, until)
@@ -608,6 +684,24 @@ class Engine:
         _, prompt = resolve_prompt(handle.model, request.prompt_name)
         texts = [prompt + text for text in request.inputs] if prompt else request.inputs
         return await self.off_loop(handle.model.tokenizer.tokens, texts, request.add_special_tokens)
+
+    async def cut_to_tokens(self, model: str, texts: list[str], max_tokens: int, keep_end: bool) -> list[str]:
+        """Cohere's ``max_tokens`` / ``max_tokens_per_doc``: each text cut to its first (with
+        ``keep_end`` its last) ``max_tokens`` tokens of served model ``model``'s tokenizer (no prompt,
+        no special tokens), at the character offsets the tokenizer reports."""
+        if max_tokens < 1:
+            raise ValidationError(f"the token cap must be a positive number of tokens, got {max_tokens}")
+        handle = self._any_model(model)
+        rows = await self.off_loop(handle.model.tokenizer.tokens, texts, False)
+        cut = []
+        for text, tokens in zip(texts, rows):
+            if len(tokens) <= max_tokens:
+                cut.append(text)
+            elif keep_end:
+                cut.append(text[tokens[-max_tokens].start or 0:])
+            else:
+                cut.append(text[: tokens[max_tokens - 1].stop])
+        return cut
 
     def decode(self, request: DecodeRequest) -> list[str]:
         handle = self._any_model(request.model)

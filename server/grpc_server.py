@@ -1,7 +1,9 @@
 """The gRPC front end: a ``grpc.aio`` server on the HTTP server's event loop and engine.
 
-Serves ``infercore.v1.InferenceService`` (the gRPC dialect, server/dialects/grpc.py), the standard ``grpc.health.v1``
-health service and server reflection, on ``--host``:``--grpc-port``, with TLS or mutual TLS when
+Serves ``infercore.v1.InferenceService`` (the gRPC dialect, server/dialects/grpc.py), the Open Inference
+Protocol's ``inference.GRPCInferenceService`` (server/dialects/oip.py), the standard ``grpc.health.v1``
+health service and server reflection (``grpc.reflection.v1alpha`` and ``v1``, server/grpc_reflection_v1.py),
+on ``--host``:``--grpc-port``, with TLS or mutual TLS when
 ``--tls-cert``/``--tls-key`` (and ``--tls-client-ca``) are given.
 
 Health: ``""`` (the whole server) and ``infercore.v1.InferenceService`` are NOT_SERVING while models
@@ -24,7 +26,6 @@ import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from ..proto.v1 import inference_pb2_grpc as pb_grpc
 from .config import ServerConfig
@@ -32,6 +33,7 @@ from .dialects import oip
 from .dialects.grpc import SERVICE_NAME, InferenceService
 from .engine import Engine
 from .grpc_limits import BoundedRequests
+from .grpc_reflection_v1 import enable_reflection
 
 log = logging.getLogger("infercore.grpc")
 
@@ -75,9 +77,8 @@ class GrpcServer:
         oip.pb_grpc.add_GRPCInferenceServiceServicer_to_server(oip.OpenInferenceService(engine, config.api_key),
                                                                self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, oip.GRPC_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        # v1alpha and v1; the reflection services add themselves.
+        enable_reflection((SERVICE_NAME, oip.GRPC_SERVICE_NAME, health.SERVICE_NAME), self.server)
         self._watcher: asyncio.Task | None = None
 
     @property

@@ -8,12 +8,14 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .access import access_log, json_string, trace_id
 from .auth import check_bearer
 from .canonical import EmbedResult
 from .engine import Engine
@@ -21,6 +23,7 @@ from .errors import InferenceError, NotReady, PayloadTooLarge, ValidationError, 
 from .json_limits import JsonLimits, active_limits, decode_body
 
 log = logging.getLogger("infercore.http")
+QUIET_ROUTES = frozenset({"/health", "/metrics"})
 
 T = TypeVar("T")
 ErrorFormatter = Callable[[InferenceError], Any]
@@ -100,10 +103,22 @@ class ClientDisconnected(Exception):
     """The client went away before the answer was ready; there is nobody to answer."""
 
 
+# What the access line and request metrics say about the request ``endpoint`` is serving: filled by
+# ``result_headers`` (model, tokens, lane), which every dialect calls with its result in the same task.
+_request_facts: ContextVar[dict[str, Any] | None] = ContextVar("infercore_request_facts", default=None)
+
+
 def result_headers(result: EmbedResult) -> dict[str, str]:
-    """TEI's per-request headers (durations in milliseconds) plus the lane the request ran in."""
+    """TEI's per-request headers (durations in milliseconds) plus the lane the request ran in.
+
+    x-compute-time is the sum of the three stages, which do not overlap in time and all lie inside
+    x-total-time; it is capped at the total so that rounding of per-input maxima (queue and inference
+    are the slowest input's) can never make compute exceed total."""
     timings = result.timings
-    compute_s = timings.tokenization_s + timings.queue_s + timings.inference_s
+    compute_s = min(timings.tokenization_s + timings.queue_s + timings.inference_s, timings.total_s)
+    facts = _request_facts.get()
+    if facts is not None:
+        facts.update(model=result.model, tokens=result.input_tokens, lane=result.lane)
     return {
         "x-lane": result.lane,
         "x-compute-time": f"{compute_s * 1e3:.3f}",
@@ -132,6 +147,8 @@ def endpoint(
     async def wrapped(request: Request) -> Response:
         started = time.perf_counter()
         limits_token = active_limits.set(limits)
+        facts: dict[str, Any] = {}
+        context = _request_facts.set(facts)
         try:
             if authenticate:
                 check_bearer(request.headers.get("authorization"), engine.config.api_key,
@@ -147,12 +164,20 @@ def endpoint(
             response = error_response(InferenceError("internal server error"), format_error, status_of)
         finally:
             active_limits.reset(limits_token)
+            _request_facts.reset(context)
         duration = time.perf_counter() - started
-        engine.metrics.observe_request(route, response.status_code, duration)
-        trace = request.headers.get("traceparent")
-        tenant = request.scope.get("state", {}).get("tenant")  # mutual TLS: the client certificate's subject
-        log.debug("%s %s %d %.1fms%s%s", request.method, route, response.status_code, duration * 1e3,
-                  f" traceparent={trace}" if trace else "", f" tenant={tenant}" if tenant else "")
+        model = facts.get("model", "")
+        engine.metrics.observe_request(route, response.status_code, duration, model)
+        if engine.config.access_log:
+            tenant = request.scope.get("state", {}).get("tenant")  # mutual TLS: the client certificate's subject
+            # Probes and scrapes come every few seconds from machines, not users: DEBUG, not INFO.
+            level = logging.DEBUG if route in QUIET_ROUTES else logging.INFO
+            access_log.log(
+                level, "%s %s status=%d model=%s tokens=%s duration_ms=%.1f lane=%s trace_id=%s tenant=%s",
+                request.method, route, response.status_code, model or "-", facts.get("tokens", "-"), duration * 1e3,
+                facts.get("lane", "-"), trace_id(request.headers.get("traceparent")) or "-",
+                json_string(tenant) if tenant else "-",
+            )
         return response
 
     return wrapped

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..models.contract import TASKS as MODEL_TASKS
-from .errors import ModelNotFound
+from .errors import ModelNotFound, ValidationError
 
 if TYPE_CHECKING:
     from ..models.loader import ServedModel
@@ -47,6 +47,9 @@ class ModelInfo:
     devices: tuple[str, ...]
     # The first served model of a task answers requests that name no model.
     is_default: bool = False
+    # The catalog entry the model was matched to (by id, alias, catalog_id setting, config.json or
+    # directory name); None when it matched none, and for the bi-encoder stand-in.
+    catalog_id: str | None = None
     # Output width (dense: the vector, sparse: the vocabulary); None for the bi-encoder stand-in.
     dimensions: int | None = None
     matryoshka_dimensions: tuple[int, ...] = ()
@@ -120,6 +123,19 @@ class ServerInfo:
                 return info
         raise ModelNotFound(f"model {model_id!r} is not served here; available models: {sorted(self.ids)}")
 
+    def serving(self, model_id: str | None, task: str) -> ModelInfo:
+        """The model a request for ``task`` gets, as the engine resolves it: the one it names (which
+        must serve ``task``), else the task's default. ModelNotFound / ValidationError otherwise."""
+        if model_id is None:
+            info = next((m for m in self.models if m.task == task and m.is_default), None)
+            if info is None:
+                raise ModelNotFound(f"no model serving {task} is loaded; available models: {sorted(self.ids)}")
+            return info
+        info = self.model(model_id)
+        if info.task != task:
+            raise ValidationError(f"model {model_id!r} serves {info.task}, not {task}")
+        return info
+
     def find(self, model_id: str) -> ModelInfo | None:
         return next((info for info in self.models if info.id == model_id), None)
 
@@ -146,6 +162,7 @@ def describe_model(model: ServedModel, devices: list[str], max_batch_tokens: int
         device=str(model.device),
         devices=tuple(devices),
         is_default=is_default,
+        catalog_id=model.catalog.id if model.catalog else None,
         dimensions=model.dimensions,
         matryoshka_dimensions=tuple(model.matryoshka_dimensions),
         similarity=model.settings.similarity,

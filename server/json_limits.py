@@ -12,8 +12,10 @@
    quotes, or a regular expression when a quote is escaped), which gives the exact figures.
 2. **Typed decoding** into the dialect's msgspec struct: malformed JSON (NaN / Infinity literals,
    invalid UTF-8 or control characters in a string, lone UTF-16 surrogate escapes, NUL bytes,
-   trailing data) is 400; well-formed JSON of the wrong types, or a number out of its field's
-   range, is 422 (``ValidationError``).
+   trailing data) is 400; well-formed JSON of the wrong types, an unknown field of a struct that
+   forbids them, or a number out of its field's range, is 422 (``ValidationError``). Typed decoding
+   stops at the first wrong value, so a refused body is read once more untyped (and strictly, 3.):
+   malformed JSON after an unknown field is still 400.
 3. **A strict second reading** with the standard library's parser, which msgspec's typed decoding
    cannot replace: a key given twice in one object (msgspec keeps the last, so a proxy that
    checked the first would see another request than the server) is 400, and so is invalid UTF-8 in
@@ -94,13 +96,27 @@ def decode_body(body: bytes, struct: type[T], limits: JsonLimits | None = None) 
     try:
         decoded = msgspec.json.decode(body, type=struct)
     except msgspec.ValidationError as exc:
+        # Typed decoding stops at the first wrong value (an unknown field of a struct that forbids
+        # them, a wrong type) without reading the rest: a body that is malformed as well is still a
+        # 400, whatever struct it was meant for.
+        try:
+            msgspec.json.decode(body)
+        except msgspec.ValidationError:
+            pass  # well-formed (an integer past msgspec's range): check_strict names it
+        except msgspec.DecodeError as malformed:
+            raise _not_valid_json(body, malformed) from None
+        check_strict(body)
         raise ValidationError(f"invalid request: {exc}") from None
     except msgspec.DecodeError as exc:
-        # msgspec calls a high surrogate escape without its low half "truncated" input: say what it is.
-        detail = "a UTF-16 surrogate escape without its pair" if _LONE_HIGH_SURROGATE.search(body) else exc
-        raise MalformedRequest(f"request body is not valid JSON: {detail}") from None
+        raise _not_valid_json(body, exc) from None
     check_strict(body)
     return decoded
+
+
+def _not_valid_json(body: bytes, exc: msgspec.DecodeError) -> MalformedRequest:
+    # msgspec calls a high surrogate escape without its low half "truncated" input: say what it is.
+    detail = "a UTF-16 surrogate escape without its pair" if _LONE_HIGH_SURROGATE.search(body) else exc
+    return MalformedRequest(f"request body is not valid JSON: {detail}")
 
 
 def check_shape(body: bytes, limits: JsonLimits) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -21,8 +21,13 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds, ... (Linux /proc)
+        ProcessCollector(registry=r)
+        # ``model``: the served model that answered ("" when none did, e.g. a request refused before
+        # its model was resolved); never a name the client sent, which would be unbounded.
         self.requests = Counter(
-            "infercore_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+            "infercore_requests", "HTTP requests by route, status and model", ["route", "status", "model"],
+            registry=r,
         )
         self.request_duration = Histogram(
             "infercore_request_duration_seconds", "HTTP request duration by route", ["route"],
@@ -70,8 +75,10 @@ class Metrics:
         """Expose queue depth gauges read at scrape time from ``depths()`` → (model, lane, items, tokens)."""
         self.registry.register(_QueueDepthCollector(depths))
 
-    def observe_request(self, route: str, status: int, duration_s: float) -> None:
-        self.requests.labels(route, str(status)).inc()
+    def observe_request(self, route: str, status: int | str, duration_s: float, model: str) -> None:
+        """One request: HTTP ``status`` is the code, gRPC's the status name; ``model`` is the model that
+        answered it, "" when none did (an error before the model was resolved, a route without one)."""
+        self.requests.labels(route, str(status), model).inc()
         self.request_duration.labels(route).observe(duration_s)
 
     def observe_batch(self, model: str, size: int, tokens: int, duration_s: float) -> None:

@@ -14,7 +14,10 @@ Work items (one per input) are queued by the event loop and taken by the model's
   client went away), is dropped when a batch is formed and never reaches the model.
 - Admission: queued tokens per model are bounded by ``max_queued_tokens``; ``submit`` refuses work
   beyond it with ``Overloaded``, whose ``retry_after_s`` is the queue's size over the measured
-  drain rate.
+  drain rate. A submission larger than the whole bound could only ever be admitted into an empty
+  queue, which steady competing load never leaves: a client obeying Retry-After would wait forever.
+  It gets ``PayloadTooLarge`` (413) naming the bound instead, at once and whatever the load, so the
+  client splits it; every submission within the bound is admitted as soon as the queue has room.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..models.tokenizer import TokenizedInput
-from .errors import DeadlineExceeded, NotReady, Overloaded
+from .errors import DeadlineExceeded, NotReady, Overloaded, PayloadTooLarge
 
 LANES = ("search", "ingest", "batch")
 # Retry-After bounds, in seconds
@@ -99,8 +102,14 @@ class TokenBudgetScheduler:
         with self._cond:
             if self._closed:
                 raise NotReady("the server is shutting down and accepts no new requests")
+            if tokens > self.max_queued_tokens:
+                raise PayloadTooLarge(
+                    f"the request's {tokens} tokens are more than this model's whole queue holds "
+                    f"({self.max_queued_tokens} tokens, --max-queued-tokens); split it into requests of at most "
+                    f"{self.max_queued_tokens} tokens"
+                )
             queued = self.queued_tokens
-            if queued and queued + tokens > self.max_queued_tokens:
+            if queued + tokens > self.max_queued_tokens:
                 raise Overloaded(
                     f"the queue of this model is full ({queued} tokens waiting, limit {self.max_queued_tokens}); "
                     "retry later",

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from ..models.loader import ServedModel
 
 
-def check_inputs(inputs: list[str], max_client_batch_size: int) -> None:
+def check_inputs(inputs: list[str] | list[list[int]], max_client_batch_size: int) -> None:
+    """Texts, or rows of token ids: not none, not too many, none empty."""
     if not inputs:
         raise ValidationError("inputs must not be empty")
     if len(inputs) > max_client_batch_size:

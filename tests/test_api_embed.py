@@ -395,7 +395,8 @@ def _request_samples(client) -> dict[tuple[str, str, str], float]:
     for family in text_string_to_metric_families(response.text):
         for sample in family.samples:
             if sample.name in ("infercore_requests_total", "infercore_request_duration_seconds_count"):
-                samples[(sample.name, sample.labels["route"], sample.labels.get("status", ""))] = sample.value
+                key = (sample.name, sample.labels["route"], sample.labels.get("status", ""))
+                samples[key] = samples.get(key, 0.0) + sample.value  # summed over the model label
     return samples
 
 

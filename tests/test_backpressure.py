@@ -15,7 +15,7 @@ import pytest
 
 from infercore.server.cli import build_parser, config_from_args
 from infercore.server.engine import Engine
-from infercore.server.errors import Overloaded
+from infercore.server.errors import Overloaded, PayloadTooLarge
 from infercore.server.scheduler import TokenBudgetScheduler
 from tests.engine_harness import (
     InProcessServer,
@@ -61,11 +61,22 @@ def test_a_submission_beyond_max_queued_tokens_is_refused_whole(loop):
     assert scheduler.queued_tokens == 50
 
 
-def test_a_submission_larger_than_the_limit_is_admitted_into_an_empty_queue(loop):
+def test_a_submission_larger_than_the_whole_queue_gets_413_naming_the_bound_under_any_load(loop):
+    # Admitted only into an empty queue, it would starve behind steady competing load while its
+    # client obeyed Retry-After; a 413 naming the bound tells the client to split it instead.
     scheduler = TokenBudgetScheduler(max_batch_tokens=100, max_queued_tokens=50)
-    scheduler.submit(work_items(loop, [40, 40]))
-    assert scheduler.queued_tokens == 80
-    refusal(scheduler, loop, 1)
+    for queued in ([], [30], [10, 10, 10, 10, 10]):  # an empty, a busy and a full queue
+        for tokens in queued:
+            scheduler.submit(work_items(loop, [tokens]))
+        with pytest.raises(PayloadTooLarge) as info:
+            scheduler.submit(work_items(loop, [40, 11]))
+        assert info.value.status == 413
+        assert "51" in info.value.message and "50" in info.value.message and "--max-queued-tokens" in info.value.message
+        assert scheduler.queued_tokens == sum(queued)
+        while scheduler.next_batch(timeout_s=0):
+            pass
+    scheduler.submit(work_items(loop, [40, 10]))  # exactly the bound: admitted into the empty queue
+    assert scheduler.queued_tokens == 50
 
 
 def test_retry_after_is_the_queued_tokens_over_the_measured_drain_rate(loop):
@@ -256,13 +267,43 @@ def test_a_full_queue_gets_429_with_retry_after_then_the_request_succeeds_once_i
     assert retried.status_code == 200, retried.text
 
 
-def test_a_request_larger_than_the_queue_limit_is_served_when_the_queue_is_empty(engine, server):
-    long_input = text_of_tokens(engine, "tiny", 120)
+@pytest.mark.parametrize("dialect", ["native", "openai"])
+def test_a_request_larger_than_the_whole_queue_gets_413_naming_the_bound_under_steady_load(engine, server, dialect):
+    # Before, it was admitted only into an empty queue: under steady competing load it got 429 with a
+    # Retry-After every time and starved. Now it is told at once, idle or busy, to split itself.
+    long_input = text_of_tokens(engine, "tiny", 70)  # two of them: 140 tokens, more than the bound of 100
+    forty = text_of_tokens(engine, "tiny", 40)
+    idle = embed(server, [long_input, long_input], dialect)
     with HeldServer(engine, server) as held:
-        held.queue([long_input, long_input])  # 240 tokens > 100, admitted because nothing waited
-        assert held.scheduler.queued_tokens == 240
+        held.queue([forty])  # competing work waits in the queue
+        busy = [embed(server, [long_input, long_input], dialect) for _ in range(3)]
+        assert held.scheduler.queued_tokens == 40
         statuses = held.release()
     assert statuses == [200, 200]
+    for response in (idle, *busy):
+        assert response.status_code == 413, response.text
+        assert "retry-after" not in response.headers
+        message = response.json()["error"] if dialect == "native" else response.json()["error"]["message"]
+        assert "140" in message and str(MAX_QUEUED_TOKENS) in message and "--max-queued-tokens" in message
+    halves = [embed(server, [long_input], dialect) for _ in range(2)]  # split: each within the bound
+    assert [r.status_code for r in halves] == [200, 200]
+
+
+def test_an_oversize_request_gets_413_every_time_under_steady_competing_load(engine, server):
+    # Real competing traffic this time (bounded: 2 clients x 15 requests), not a held queue; two, so
+    # that with the oversize client they stay within MAX_CONCURRENT_REQUESTS (3) and every refusal
+    # seen is the queue's.
+    long_input = text_of_tokens(engine, "tiny", 70)
+    forty = text_of_tokens(engine, "tiny", 40)
+    with ThreadPoolExecutor(2) as pool:
+        competing = [pool.submit(lambda: [embed(server, [forty]).status_code for _ in range(15)]) for _ in range(2)]
+        oversize = []
+        while not all(f.done() for f in competing) and len(oversize) < 20:
+            oversize.append(embed(server, [long_input, long_input]))
+        statuses = [status for f in competing for status in f.result(timeout=120)]
+    assert oversize and all(r.status_code == 413 for r in oversize), [r.status_code for r in oversize]
+    assert all("--max-queued-tokens" in r.json()["error"] for r in oversize)
+    assert set(statuses) <= {200, 429} and 200 in statuses  # the competing load was served meanwhile
 
 
 def test_retry_after_reflects_the_measured_drain_rate(engine, server):
@@ -318,6 +359,6 @@ def test_rejections_are_counted_by_reason_in_the_metrics_exposition(engine, serv
         return after.get(key, 0.0) - before.get(key, 0.0)
 
     assert (delta("queue_full"), delta("concurrency"), delta("draining")) == (1, 1, 0)
-    # the 429 answers are counted per route and status too
+    # the 429 answers are counted per route and status too (no model answered them)
     statuses = scrape(server, "infercore_requests_total")
-    assert statuses[frozenset({"route": "/embed", "status": "429"}.items())] >= 2
+    assert statuses[frozenset({"route": "/embed", "status": "429", "model": ""}.items())] >= 2

@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import logging
 import shutil
 import socket
 import threading
@@ -481,6 +482,44 @@ def test_a_client_built_from_reflection_gets_the_http_vectors(channel, http):
     got = np.frombuffer(response.embeddings.data, "<f4").reshape(response.embeddings.count,
                                                                  response.embeddings.dimensions)
     np.testing.assert_array_equal(got, np.array(http.post("/embed", json={"inputs": TEXTS[:2]}).json(), np.float32))
+
+
+def test_reflection_answers_under_v1_as_current_grpcurl_asks_first(channel):
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    # v1's messages are v1alpha's (same fields and numbers): a v1 client's bytes are these.
+    info = channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    listed, described = info(iter([
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE),
+    ]), timeout=RPC_TIMEOUT_S)
+    services = {s.name for s in listed.list_services_response.service}
+    assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"} <= services
+    files = [descriptor_pb2.FileDescriptorProto.FromString(f)
+             for f in described.file_descriptor_response.file_descriptor_proto]
+    assert any(s.name == "InferenceService" for f in files for s in f.service)
+
+
+def test_each_call_gets_an_access_line_with_metadata_only(stub, caplog):
+    trace = "0af7651916cd43dd8448eb211c80319c"
+    metadata = (*AUTH, ("traceparent", f"00-{trace}-b7ad6b7169203331-01"))
+    with caplog.at_level(logging.INFO, logger="infercore.access"):
+        stub.Embed(pb.EmbedRequest(inputs=["a private sentence"], model="minilm"), metadata=metadata,
+                   timeout=RPC_TIMEOUT_S)
+        with pytest.raises(grpc.RpcError):
+            stub.Embed(pb.EmbedRequest(inputs=["x"], model="nope"), metadata=AUTH, timeout=RPC_TIMEOUT_S)
+    lines = [r.getMessage() for r in caplog.records if r.name == "infercore.access"]
+    # [CLS] a private sentence [SEP]: 5 tokens
+    assert lines[0].startswith(f"GRPC /{SERVICE}/Embed status=OK model=minilm tokens=5 ")
+    assert lines[0].endswith(f"lane=search trace_id={trace}")
+    assert lines[1].startswith(f"GRPC /{SERVICE}/Embed status=NOT_FOUND model=- tokens=- ")
+    assert "private" not in caplog.text
 
 
 def test_health_is_not_serving_while_loading_and_from_the_start_of_a_drain(tiny_bert_dir):

@@ -1,7 +1,7 @@
-"""The Open Inference Protocol v2 (server/dialects/oip.py, oip_grpc.py): health, metadata and inference
+"""The Open Inference Protocol v2 (server/dialects/oip.py): health, metadata and inference
 over REST (JSON and binary tensor data) and gRPC give the native routes' numbers; bad requests get a
-400/404 naming the problem. tests/test_client_tritonclient.py drives the same server with an
-independent client (tritonclient).
+400/404 naming the problem. test_tritonclient_http_and_grpc_get_the_native_numbers drives the same
+server with an independent client (tritonclient, from the client matrix's venv).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from infercore.proto.inference import open_inference_v2_pb2 as pb
 from infercore.proto.inference import open_inference_v2_pb2_grpc as pb_grpc
 from infercore.server.config import ServerConfig
 from infercore.server.engine import Engine
+from tests.client_venvs import run_client
+from tests.engine_harness import sample
 from tests.test_grpc import LoopServer
 from tests.tiny_checkpoints import build_bert_with_head
 
@@ -257,6 +259,29 @@ def test_grpc_infer_equals_the_native_route(stub, http, raw):
     np.testing.assert_allclose(grpc_output(response, "embedding", "<f4"), native_vectors(http, TEXTS), atol=1e-6)
 
 
+def test_requests_are_counted_with_the_model_that_answered(served, stub, http):
+    """infercore_requests_total's ``model`` label on both transports: the served model that answered an
+    inference, "" for a call no model answered (never the name the client sent)."""
+    engine = served.engine
+    grpc_route = f"/{pb.DESCRIPTOR.services_by_name['GRPCInferenceService'].full_name}/ModelInfer"
+
+    def count(route: str, status: str, model: str) -> float:
+        return sample(engine, "infercore_requests_total", route=route, status=status, model=model)
+
+    before = (count(grpc_route, "OK", "tiny"), count(grpc_route, "NOT_FOUND", ""),
+              count("/v2/models/{name}/infer", "200", "tiny"))
+    request = pb.ModelInferRequest(model_name="tiny")
+    grpc_text_input(request, "text", TEXTS[:1], raw=True)
+    stub.ModelInfer(request, metadata=(("authorization", f"Bearer {API_KEY}"),))
+    request.model_name = "no-such-model"
+    with pytest.raises(grpc.RpcError):
+        stub.ModelInfer(request, metadata=(("authorization", f"Bearer {API_KEY}"),))
+    response = infer(http, "tiny", [text_input("text", TEXTS[:1])])
+    assert response.status_code == 200, response.text
+    assert (count(grpc_route, "OK", "tiny"), count(grpc_route, "NOT_FOUND", ""),
+            count("/v2/models/{name}/infer", "200", "tiny")) == tuple(b + 1 for b in before)
+
+
 def test_grpc_rerank_and_parameters(stub, http):
     request = pb.ModelInferRequest(model_name="cross")
     grpc_text_input(request, "query", [QUERY], raw=False)
@@ -289,21 +314,13 @@ def test_grpc_errors(stub, model, name, auth, code):
 # ---- an independent client: tritonclient, in its own environment ------------------------------------
 
 def test_tritonclient_http_and_grpc_get_the_native_numbers(served, http):
-    import os
-    import subprocess
-    from pathlib import Path
-
-    python = os.environ.get("TRITONCLIENT_PYTHON", str(Path(".cache/clients/tritonclient/bin/python").resolve()))
-    assert Path(python).exists(), f"no tritonclient environment at {python}: run `make clients`"
-    script = Path(__file__).parent / "clients" / "tritonclient_drive.py"
-    proc = subprocess.run([python, str(script), served.url, served.address, API_KEY], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    results = json.loads(proc.stdout)
-    native = native_vectors(http, results["texts"])
-    reranked = http.post("/rerank", json={"query": results["query"], "texts": results["documents"], "model": "cross"},
-                         headers=AUTH).json()
-    sparse = http.post("/embed_sparse", json={"inputs": results["texts"][:1], "model": "splade"}, headers=AUTH)
+    """tritonclient from its own venv (``make clients``, locks/clients/tritonclient.txt), as the client
+    matrix runs its clients (tests/client_venvs.py): a missing venv fails the test."""
+    results = run_client("tritonclient", {"url": served.url, "grpc_target": served.address, "api_key": API_KEY,
+                                          "texts": TEXTS, "query": QUERY, "documents": DOCUMENTS})
+    native = native_vectors(http, TEXTS)
+    reranked = http.post("/rerank", json={"query": QUERY, "texts": DOCUMENTS, "model": "cross"}, headers=AUTH).json()
+    sparse = http.post("/embed_sparse", json={"inputs": TEXTS[:1], "model": "splade"}, headers=AUTH)
     sparse = sparse.json()[0]
     for transport in ("http", "grpc"):
         got = results[transport]

@@ -4,6 +4,11 @@
     -> {"model", "results": [{"index", "relevance_score", "document"?: {"text"}}], "usage": {"total_tokens"}}
 
 Errors carry the message under the keys those clients read: ``{"message", "detail", "error"}``.
+
+Long documents are truncated by default, as Cohere and Jina do: windowed where the model scores
+windows, else cut to the model's limit. ``"truncation": false`` (the field Voyage and Jina-compatible
+gateways use) makes a document too long for the model a 413 instead. ``rank_fields`` (Cohere v1) may
+only name ``text``. Any other unknown field is a 422 naming it.
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ class TextDocument(msgspec.Struct):
     text: str
 
 
-class RerankBody(msgspec.Struct):
+class RerankBody(msgspec.Struct, forbid_unknown_fields=True):
     query: str
     documents: list[str | TextDocument]
     model: str | None = None
     top_n: int | None = None
     return_documents: bool = False
     max_chunks_per_doc: int | None = None  # Cohere v1; windows are the model's setting here
+    rank_fields: list[str] | None = None  # Cohere v1, for structured documents: only "text" here
+    truncation: bool = True
 
 
 def format_error(exc: InferenceError) -> dict:
@@ -44,10 +51,12 @@ def routes(engine: Engine) -> list[Route]:
         documents = [d if isinstance(d, str) else d.text for d in body.documents]
         if body.max_chunks_per_doc is not None and body.max_chunks_per_doc < 1:
             raise ValidationError("max_chunks_per_doc must be positive")
+        if body.rank_fields is not None and body.rank_fields != ["text"]:
+            raise ValidationError(f"rank_fields may only be [\"text\"] (documents are text), got {body.rank_fields}")
         priority, timeout_s = scheduling_hints(request)
         work = engine.rerank(
-            RerankRequest(body.query, documents, model=body.model, top_n=body.top_n, priority=priority,
-                          timeout_s=timeout_s)
+            RerankRequest(body.query, documents, model=body.model, top_n=body.top_n, truncate=body.truncation,
+                          priority=priority, timeout_s=timeout_s)
         )
         result = await until_disconnect(request, work)
         results = []

@@ -24,6 +24,7 @@ import numpy as np
 
 from ...proto.v1 import inference_pb2 as pb
 from ...proto.v1 import inference_pb2_grpc as pb_grpc
+from ..access import access_log, trace_id
 from ..auth import check_bearer
 from ..canonical import (
     DecodeRequest,
@@ -162,10 +163,24 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             raise DeadlineExceeded("the request's deadline passed before it reached the server")
         return timeout_s
 
-    def _observe(self, method: str, code: grpc.StatusCode, started: float) -> None:
+    def _observe(self, method: str, code: grpc.StatusCode, started: float,
+                 context: grpc.aio.ServicerContext | None = None, response: Any = None) -> None:
+        """Metrics and the access line (as HTTP's: metadata only) of one call; a stream is one call."""
         route = f"/{SERVICE_NAME}/{method}"
-        self.engine.metrics.requests.labels(route, code.name).inc()
-        self.engine.metrics.request_duration.labels(route).observe(time.perf_counter() - started)
+        duration = time.perf_counter() - started
+        model = getattr(response, "model", "") if response is not None else ""
+        self.engine.metrics.observe_request(route, code.name, duration, model)
+        if not self.engine.config.access_log:
+            return
+        facts = getattr(response, "metadata", None) if response is not None else None
+        sent = (context.invocation_metadata() or ()) if context is not None else ()
+        traceparent = next((value for key, value in sent if key == "traceparent"), None)
+        access_log.info(
+            "GRPC %s status=%s model=%s tokens=%s duration_ms=%.1f lane=%s trace_id=%s",
+            route, code.name, model or "-", facts.input_tokens if facts is not None else "-", duration * 1e3,
+            LANES.get(facts.lane) or "-" if facts is not None else "-",
+            trace_id(traceparent if isinstance(traceparent, str) else None) or "-",
+        )
 
     async def _unary(self, method: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[Response]]
                      ) -> Response:
@@ -176,18 +191,18 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             response = await work()
         except InferenceError as exc:
             code = grpc_code(exc)
-            self._observe(method, code, started)
+            self._observe(method, code, started, context)
             if code == grpc.StatusCode.INTERNAL:
                 log.warning("%s failed: %s", method, exc.message)
             await context.abort(code, exc.message, trailing_metadata=retry_after_metadata(exc))
         except asyncio.CancelledError:
-            self._observe(method, grpc.StatusCode.CANCELLED, started)
+            self._observe(method, grpc.StatusCode.CANCELLED, started, context)
             raise
         except Exception:
             log.exception("unexpected error in %s", method)
-            self._observe(method, grpc.StatusCode.INTERNAL, started)
+            self._observe(method, grpc.StatusCode.INTERNAL, started, context)
             await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
-        self._observe(method, grpc.StatusCode.OK, started)
+        self._observe(method, grpc.StatusCode.OK, started, context, response)
         return response
 
     async def _stream(
@@ -209,7 +224,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         try:
             self._authenticate(context)
         except InferenceError as exc:
-            self._observe(method, grpc_code(exc), started)
+            self._observe(method, grpc_code(exc), started, context)
             await context.abort(grpc_code(exc), exc.message)
         window = asyncio.Semaphore(self.max_in_flight)
         in_progress: asyncio.Queue[asyncio.Future | None] = asyncio.Queue()
@@ -258,7 +273,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                     cancelled.append(task)
             for task in cancelled:
                 task.cancel()
-            self._observe(method, code, started)
+            self._observe(method, code, started, context)
 
     # ---- requests ↔ canonical ------------------------------------------------------------
 

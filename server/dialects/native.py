@@ -278,6 +278,8 @@ def model_json(info: ModelInfo) -> dict:
                 "max_input_tokens": info.max_input_tokens, **placement}
     return {
         **common,
+        # the catalog entry the model was matched to (by id, alias, config.json or directory name), or None
+        "catalog_id": info.catalog_id,
         "dimensions": info.dimensions,
         "matryoshka_dimensions": list(info.matryoshka_dimensions),
         "max_input_tokens": info.max_input_tokens,

@@ -540,11 +540,15 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         started = time.perf_counter()
         route = f"/{GRPC_SERVICE_NAME}/{method}"
         code = grpc.StatusCode.OK
+        model = ""  # the served model that answered: ModelInfer's, once it has
         try:
             if authenticate:
                 header = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
                 check_bearer(header, self.api_key, "metadata 'authorization: Bearer <key>'")
-            return await work()
+            response = await work()
+            if isinstance(response, pb.ModelInferResponse):
+                model = response.model_name
+            return response
         except InferenceError as exc:
             code = grpc_code(exc)
             await context.abort(code, exc.message, trailing_metadata=retry_after_metadata(exc))
@@ -556,8 +560,7 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
             log.exception("unexpected error in %s", method)
             await context.abort(code, "internal server error")
         finally:
-            self.engine.metrics.requests.labels(route, code.name).inc()
-            self.engine.metrics.request_duration.labels(route).observe(time.perf_counter() - started)
+            self.engine.metrics.observe_request(route, code.name, time.perf_counter() - started, model)
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)

@@ -1,8 +1,9 @@
 """Drive infercore's Open Inference Protocol with tritonclient (HTTP and gRPC), as a Triton user would.
 
-Run with the tritonclient venv's python: python tritonclient_drive.py HTTP_URL GRPC_ADDRESS API_KEY
-Prints one JSON document: what each call returned (vectors, scores) and which error class bad input
-raised, for the test to compare against the native routes.
+Run by tests/test_oip.py with the tritonclient venv's python (tests/clients/README.md): argv[1] is the
+job, {"url", "grpc_target", "api_key", "texts", "query", "documents"}. Prints one JSON document: what
+each call returned (vectors, scores) and which error class bad input raised, for the test to compare
+against the native routes.
 """
 
 import json
@@ -53,15 +54,14 @@ def drive(module, client, headers, texts, query, documents):
 
 
 def main():
-    http_url, grpc_address, api_key = sys.argv[1:4]
-    texts = ["What is the capital of France?", "Paris is the capital of France.", "ünïcödé ✓"]
-    query, documents = "how do plants make energy", ["Photosynthesis turns light into energy.", "Stocks fell."]
-    http_client = httpclient.InferenceServerClient(http_url.removeprefix("http://"))
-    grpc_client = grpcclient.InferenceServerClient(grpc_address)
+    job = json.loads(sys.argv[1])
+    texts, query, documents = job["texts"], job["query"], job["documents"]
+    http_client = httpclient.InferenceServerClient(job["url"].removeprefix("http://"))
+    grpc_client = grpcclient.InferenceServerClient(job["grpc_target"])
+    auth = f"Bearer {job['api_key']}"
     results = {
-        "http": drive(httpclient, http_client, {"Authorization": f"Bearer {api_key}"}, texts, query, documents),
-        "grpc": drive(grpcclient, grpc_client, {"authorization": f"Bearer {api_key}"}, texts, query, documents),
-        "texts": texts, "query": query, "documents": documents,
+        "http": drive(httpclient, http_client, {"Authorization": auth}, texts, query, documents),
+        "grpc": drive(grpcclient, grpc_client, {"authorization": auth}, texts, query, documents),
     }
     print(json.dumps(results))
 
