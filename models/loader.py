@@ -16,6 +16,7 @@ import torch
 
 from ..kernels.self_check import check_kernels_once, model_kernel_shapes
 from ..kernels.triton_support import triton_available
+from .backend import Backend, TorchBackend
 from .catalog import CatalogEntry, lookup, recognise
 from .checkpoint import CheckpointError, open_weights
 from .eland import materialize_eland
@@ -24,7 +25,6 @@ from .families import Family, family_for_config
 from .layers import WeightReader
 from .listwise import BLOCK_DOCUMENTS, MAX_DOCUMENT_TOKENS, ListwiseReranker, has_listwise_head
 from .model_dir import ModelDirSpec, read_model_dir
-from .packing import pack_sequences
 from .rerank import RerankModel, load_classifier_head
 from .sparse import SparseEmbeddingModel
 from .tokenizer import TextTokenizer
@@ -68,6 +68,14 @@ class ServedModel:
     max_query_tokens: int = 0
     rerank_windows: bool = False
     window_overlap_tokens: int = 80
+    # What computes the runner's batches (models/backend.py): torch by default; ONNX Runtime with
+    # ``backend: onnx``, then ``quality`` holds its parity figures against the torch path.
+    backend: Backend | None = None
+    quality: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend is None:
+            self.backend = TorchBackend(self.runner, self.device, self.dtype)
 
     @functools.cached_property
     def _prompt_lengths(self) -> dict[str, int]:
@@ -94,7 +102,8 @@ class ServedModel:
     def run_ids(self, ids: list[list[int]]) -> list:
         """Token id lists through the model with default options, on the calling thread (warm-up
         and health probes; requests go through the scheduler)."""
-        return self.runner.run(pack_sequences(ids, device=self.device), [self.runner.default_options()] * len(ids))
+        options = [self.runner.default_options()] * len(ids)
+        return self.backend.run(self.backend.make_batch(ids, None, options), options)
 
 
     def check_kernels(self) -> dict[str, str]:
@@ -263,9 +272,12 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     max_input_tokens_cap: int | None = None,
+    backend: str = "torch",
+    quantize: str = "none",
 ) -> ServedModel:
     """Read, check and load a model directory (or an Elastic eland archive, converted once into the
-    cache); raises CheckpointError with a plain reason."""
+    cache); raises CheckpointError with a plain reason. ``backend``/``quantize``: the server's
+    defaults, which the directory's ``infercore.json`` overrides (models/onnx_backend.py)."""
     path = materialize_eland(path) or path
     spec = read_model_dir(path)
     entry = lookup(model_id) or lookup(spec.settings.get("catalog_id", ""))
@@ -323,6 +335,14 @@ def load_model(
     if default_task is not None and default_task not in tasks:
         raise CheckpointError(f"{spec.path}: default task {default_task!r} is not one of the tasks {sorted(tasks)}")
     overlap = settings.get("window_overlap_tokens", entry.window_overlap_tokens if entry else 80)
+    backend, quantize = resolve_backend(spec, backend, quantize)
+    onnx, quality = None, None
+    if backend == "onnx":
+        from .onnx_backend import load_onnx_backend
+
+        onnx, report = load_onnx_backend(model_id, spec.path, task, family.name, runner, tokenizer, torch_device,
+                                         quantize, settings.get("int8_quality_floor"))
+        quality = report.as_dict()
     return ServedModel(
         id=model_id,
         task=task,
@@ -346,4 +366,23 @@ def load_model(
         default_task=default_task,
         end_of_life_date=end_of_life,
         window_overlap_tokens=int(overlap),
+        backend=onnx,
+        quality=quality,
     )
+
+
+BACKENDS = ("torch", "onnx")
+QUANTIZATIONS = ("none", "int8")
+
+
+def resolve_backend(spec: ModelDirSpec, backend: str, quantize: str) -> tuple[str, str]:
+    """(backend, quantize) for this model: its ``infercore.json`` over the server's defaults."""
+    backend = spec.settings.get("backend", backend)
+    quantize = spec.settings.get("quantize", quantize)
+    if backend not in BACKENDS:
+        raise CheckpointError(f"{spec.path}: backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if quantize not in QUANTIZATIONS:
+        raise CheckpointError(f"{spec.path}: quantize {quantize!r} is not one of {', '.join(QUANTIZATIONS)}")
+    if quantize == "int8" and backend != "onnx":
+        raise CheckpointError(f"{spec.path}: quantize int8 needs the onnx backend (--backend onnx)")
+    return backend, quantize

@@ -34,6 +34,8 @@ SETTINGS_KEYS = {
     "tasks", "default_task",
     # ISO date after which requests to the model are refused (410)
     "end_of_life_date",
+    # runtime: "torch" | "onnx", "none" | "int8" (onnx only), and int8's minimum cosine against fp32
+    "backend", "quantize", "int8_quality_floor",
 }
 # sentence-transformers pooling config keys → our pooling mode names
 _ST_POOLING_KEYS = {

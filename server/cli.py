@@ -1,5 +1,5 @@
 """Command line: ``infercore serve``, ``infercore models list``, ``infercore models verify PATH``,
-``infercore models import SRC DEST``.
+``infercore models import SRC DEST``, ``infercore models export-onnx PATH [--quantize int8]``.
 
 Every ``serve`` flag can also be set through the environment as ``INFERCORE_<FLAG>`` (for example
 ``INFERCORE_API_KEY``, which keeps the key out of the process list); a flag on the command line wins.
@@ -73,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--dtype", default=_env("dtype", defaults.dtype), choices=["auto", "float32", "float16", "bfloat16"],
         help="weights and activations; auto = float32 on CPU, the family's half type on CUDA",
+    )
+    serve.add_argument(
+        "--backend", default=_env("backend", defaults.backend), choices=["torch", "onnx"],
+        help="what computes the models: torch (default) or ONNX Runtime (graph exported once into the cache, or "
+             "the model's own onnx/model.onnx); a model's infercore.json 'backend' overrides it",
+    )
+    serve.add_argument(
+        "--quantize", default=_env("quantize", defaults.quantize), choices=["none", "int8"],
+        help="int8: dynamic int8 weights (onnx only), served only if its parity with fp32 on a fixed text set "
+             "reaches the model's floor (min cosine 0.99, infercore.json 'int8_quality_floor')",
     )
     serve.add_argument("--api-key", default=_env("api-key", None), help="require 'Authorization: Bearer KEY'")
     serve.add_argument(
@@ -171,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-attention-heads", type=_positive_int, default=None,
         help="only for archives whose code does not show the attention head count",
     )
+    exporting = models_commands.add_parser(
+        "export-onnx",
+        help="export a model directory's ONNX graph into the cache ahead of time (for --backend onnx on an "
+             "air-gapped host: copy the cache, or set INFERCORE_CACHE_DIR)",
+    )
+    exporting.add_argument("path", type=Path)
+    exporting.add_argument("--quantize", choices=["none", "int8"], default="none")
     return parser
 
 
@@ -190,6 +207,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         models_dir=Path(args.models_dir) if args.models_dir else None,
         device=args.device,
         dtype=args.dtype,
+        backend=args.backend,
+        quantize=args.quantize,
         api_key=args.api_key or None,
         max_batch_tokens=int(args.max_batch_tokens) if args.max_batch_tokens else None,
         max_batch_requests=int(args.max_batch_requests) if args.max_batch_requests else None,
@@ -306,6 +325,17 @@ def import_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_onnx(args: argparse.Namespace) -> int:
+    from ..models.loader import load_model
+
+    configure_logging("info")
+    model = load_model(args.path.name, args.path, "cpu", backend="onnx", quantize=args.quantize)
+    figures = ", ".join(f"{k} {v}" for k, v in (model.quality or {}).items())
+    files = ", ".join(str(path) for path in model.backend.graphs.files.values())
+    print(f"OK: {args.path} exported for onnx {model.backend.precision} ({files}); {figures}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -315,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             return list_models(args)
         if args.models_command == "import":
             return import_model(args)
+        if args.models_command == "export-onnx":
+            return export_onnx(args)
         return verify_model(args)
     except (CheckpointError, ValueError) as exc:
         print(f"infercore: error: {exc}", file=sys.stderr)

@@ -30,6 +30,10 @@ class ServerConfig:
     # auto = every visible GPU, else the CPU.
     device: str = "auto"
     dtype: str = "auto"
+    # What computes the models (torch | onnx) and onnx's weights (none | int8); a model's own
+    # infercore.json overrides both (models/loader.py resolve_backend).
+    backend: str = "torch"
+    quantize: str = "none"
     api_key: str | None = None
     # Largest batch the scheduler hands a model, in tokens (padding-free count). None: the device's
     # default. A model's budget is never below its own input limit, so one input always fits.

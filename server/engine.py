@@ -153,7 +153,8 @@ class Engine:
         started = time.perf_counter()
         replicas = []
         for device in resolve_devices(self.config.device):
-            replica = load_model(model_id, path, str(device), self.config.dtype, self.config.max_input_tokens)
+            replica = load_model(model_id, path, str(device), self.config.dtype, self.config.max_input_tokens,
+                                 self.config.backend, self.config.quantize)
             replica.warmup()
             replicas.append(replica)
         model = replicas[0]
@@ -165,6 +166,7 @@ class Engine:
             self.config.queued_token_limit(device_type, budget, len(replicas)),
             on_drop=lambda reason, n: self.metrics.dropped.labels(model_id, reason).inc(n),
             spread=device_type == "cpu",
+            padded=model.backend.is_padded,
         )
         executors = []
         for replica in replicas:
@@ -184,9 +186,11 @@ class Engine:
             executor.start()
         handle = ModelHandle(replicas, scheduler, executors)
         self.models[model.id] = handle
+        for replica in replicas:
+            self.metrics.set_model_info(model.id, replica.backend.name, replica.backend.precision, str(replica.device))
         log.info(
-            "loaded model %s (%s, %s, %s on %s, max %d tokens per input, %d per batch, %d executors) in %.1fs",
-            model.id, model.task, model.family, str(model.dtype).removeprefix("torch."), ", ".join(handle.devices),
+            "loaded model %s (%s, %s, %s %s on %s, max %d tokens per input, %d per batch, %d executors) in %.1fs",
+            model.id, model.task, model.family, model.backend.name, model.backend.precision, ", ".join(handle.devices),
             model.max_input_tokens, budget, len(executors), time.perf_counter() - started,
         )
 

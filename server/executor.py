@@ -72,13 +72,16 @@ class ModelExecutor:
         self.healthy = True
         self._stream_priority = stream_priority
         self._threads = threads
+        # This executor's instance of the model's backend (its own threads / sessions), made on its thread.
+        self._backend = model.backend
+        self._running_threads = threads
         self._thread = threading.Thread(target=self._loop, name=f"executor-{model.id}-{name}", daemon=True)
 
     @property
     def _stages_batches(self) -> bool:
         """CUDA main executors overlap the next batch's packing and copy with the current forward;
         the search executor's batches are small and latency-bound, so it packs when it runs them."""
-        return self.model.device.type == "cuda" and self.lanes != ("search",)
+        return self.model.device.type == "cuda" and self.lanes != ("search",) and not self.model.backend.is_padded
 
     def start(self) -> None:
         if self._stages_batches:
@@ -100,9 +103,7 @@ class ModelExecutor:
 
     def _loop(self) -> None:
         if self.model.device.type == "cpu":
-            if self._threads:
-                # OpenMP and MKL thread counts are per calling thread: this sets this executor's only.
-                torch.set_num_threads(self._threads)
+            self._backend = self.model.backend.for_executor(self._threads)
             if self.lanes != ("search",):
                 lower_thread_priority()
         with self._stream():
@@ -115,7 +116,21 @@ class ModelExecutor:
                 if batch is None:
                     return
                 if batch:
+                    self._widen_for(batch)
                     self._run_batch(batch, packed)
+
+    def _widen_for(self, items: list[WorkItem]) -> None:
+        """CPU: a batch that leaves nothing queued runs with the threads of the executors that are idle
+        beside it too (a lone request uses the whole machine, not one core); otherwise with this
+        executor's own. The next batch taken sets the count again."""
+        if self.model.device.type != "cpu" or self.lanes == ("search",):
+            return
+        own = self._threads or 1
+        spare = self.scheduler.spare_executors(self.lanes)
+        threads = max(min(own * (1 + spare), os.cpu_count() or 1), own)
+        if threads != self._running_threads:
+            self._backend = self.model.backend.for_executor(threads)
+            self._running_threads = threads
 
     def _run_batch(self, items: list[WorkItem], packed: PackedBatch | None = None) -> None:
         started = time.perf_counter()
@@ -140,13 +155,17 @@ class ModelExecutor:
     def _compute(self, items: list[WorkItem], packed: PackedBatch | None = None) -> list[Any]:
         """One result or one exception per item; ``packed``: the items already on the device."""
         try:
-            if packed is None:
-                packed = pack_items(items, self.model.device)
-            results = self.model.runner.run(packed, [item.options for item in items])
+            options = [item.options for item in items]
+            batch = packed if packed is not None else self._backend.make_batch(
+                [item.tokens.ids for item in items], [item.tokens.type_ids for item in items], options)
+            if self._backend.is_padded:
+                waste = self._backend.computed_tokens(batch) - sum(item.num_tokens for item in items)
+                self.metrics.observe_padding(self.model.id, waste)
+            results = self._backend.run(batch, options)
             self.healthy = True
             return list(results)
         except Exception as exc:
-            if is_out_of_memory(exc):
+            if self._backend.is_out_of_memory(exc):
                 return self._split_after_oom(items)
             # A model failure on valid input: report it, keep serving, let /health probe.
             log.exception("model %s failed on a batch of %d inputs", self.model.id, len(items))

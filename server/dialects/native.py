@@ -278,6 +278,11 @@ def model_info(handle: ModelHandle) -> dict:
         "end_of_life_date": model.end_of_life_date.isoformat() if model.end_of_life_date else None,
         "max_batch_tokens": handle.scheduler.max_batch_tokens,
         "dtype": str(model.dtype).removeprefix("torch."),
+        # What computes the model (torch | onnx), at which precision, and the ONNX graph's parity
+        # figures against the torch path (null for torch).
+        "backend": model.backend.name,
+        "precision": model.backend.precision,
+        "quality": model.quality,
         # The first replica's device, and every device the model has a replica on.
         "device": str(model.device),
         "devices": handle.devices,
