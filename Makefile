@@ -97,6 +97,14 @@ $(VENV)/.bench-deps-done: $(TEST_STAMP)
 bench-load: $(VENV)/.bench-deps-done
 	$(PY) benchmarks/bench_load.py $(BENCH_LOAD_ARGS)
 
+.PHONY: bench-cpu
+# CPU backends: infercore over HTTP (torch fp32, onnx fp32, onnx int8) vs sentence-transformers in process
+# (torch, onnx, its own int8 export; its own venv under .cache/peers/st-onnx) and infinity-emb when its venv
+# exists, MiniLM and a BERT-base-size model, queries and passages, 1/2/4/8 clients;
+# benchmarks/results/bench_cpu.{json,png}. Shorter: make bench-cpu BENCH_CPU_ARGS=--quick
+bench-cpu: $(VENV)/.bench-deps-done
+	$(PY) benchmarks/bench_cpu.py $(BENCH_CPU_ARGS)
+
 .PHONY: proto bench-grpc
 # Regenerate the gRPC stubs (infercore/proto/) from proto/infercore/v1/*.proto; tests/test_grpc_stubs.py
 # fails while the committed stubs are stale.

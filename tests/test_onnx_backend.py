@@ -146,6 +146,23 @@ def test_int8_needs_the_onnx_backend(tiny_bert_dir):
         load_model("tiny", tiny_bert_dir, "cpu", backend="torch", quantize="int8")
 
 
+def test_a_missing_runtime_is_a_load_error_saying_what_to_install(tiny_bert_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as when it is not installed
+    with pytest.raises(CheckpointError, match=r"needs onnxruntime and onnx .*install the 'onnx' extra"):
+        load_model("tiny", tiny_bert_dir, "cpu", backend="onnx")
+
+
+def test_export_onnx_command_builds_the_cache_a_later_load_reuses(tmp_path, capsys):
+    from infercore.server import cli
+
+    path = tiny_checkpoints.build_bert(tmp_path / "ahead", seed=5)
+    assert cli.main(["models", "export-onnx", str(path), "--quantize", "int8"]) == 0
+    assert "exported for onnx int8" in capsys.readouterr().out
+    assert load_model("ahead", path, "cpu", backend="onnx", quantize="int8").backend.graphs.source == "cache"
+
+
 def test_corrupt_shipped_graph_fails_at_load_naming_the_file(tmp_path, tiny_bert_dir):
     path = tmp_path / "model"
     shutil.copytree(tiny_bert_dir, path)
