@@ -289,7 +289,9 @@ def load_model(
     require_served_task(task, spec.path)
     family = family_for_config(spec.config)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device, family)
+    backend, quantize = resolve_backend(spec, backend, quantize)
+    # ONNX graphs are exported (and their parity probed) from fp32 weights, whatever the device.
+    torch_dtype = torch.float32 if backend == "onnx" else resolve_dtype(dtype, torch_device, family)
 
     reader = WeightReader(open_weights(spec.path), torch_device, torch_dtype, model_dir=spec.path)
     encoder = family.encoder.from_checkpoint(spec.config, reader)
@@ -335,7 +337,6 @@ def load_model(
     if default_task is not None and default_task not in tasks:
         raise CheckpointError(f"{spec.path}: default task {default_task!r} is not one of the tasks {sorted(tasks)}")
     overlap = settings.get("window_overlap_tokens", entry.window_overlap_tokens if entry else 80)
-    backend, quantize = resolve_backend(spec, backend, quantize)
     onnx, quality = None, None
     if backend == "onnx":
         from .onnx_backend import load_onnx_backend

@@ -138,8 +138,18 @@ class OnnxBackend:
         instance = instances.get(threads)
         if instance is None:
             instance = OnnxBackend(self.task, self.graphs, self.runner, self.device, self.uses_token_types, threads)
+            instance.warm_up()
             instances[threads] = instance
         return instance
+
+    def warm_up(self) -> None:
+        """Open the first graph's session and run one small batch through it, so the first request
+        this instance serves pays neither the session's creation nor its first-run allocations."""
+        variant = next(iter(self.graphs.files))
+        options = [self.runner.default_options()] * 2
+        if variant:
+            options = [type(options[0])(task=variant)] * 2
+        self.run(self.make_batch([[1] * 8, [1] * 8], None, options), options)
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         message = str(exc)

@@ -128,7 +128,9 @@ def build_graph_module(task: str, runner, variant: str) -> nn.Module:
     """The padded module to export for ``runner`` (a torch runner of ``task``) and a variant."""
     encoder = runner.encoder
     if getattr(encoder, "family", None) == "jina-xlm-roberta":
-        padded = PaddedJinaGraph(encoder, variant or None)
+        # An input without a task runs with the model's default adapter (jina-clip-v2's text tower),
+        # or the base weights when it has none (jina-embeddings-v3).
+        padded = PaddedJinaGraph(encoder, variant or encoder.config.default_adapter)
     elif variant:
         raise OnnxExportError(f"graph variant {variant!r} exists only for models with task adapters")
     else:

@@ -69,22 +69,23 @@ class _PaddedAttention(nn.Module):
         b, s, _ = x.shape
         return x.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor,
+                rotary: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+        """``rotary``: cos, sin [seq, rotary_dim / 2] and rotary_dim (a Python int: static in the graph)."""
         q, k, v = self.heads(self.query(x)), self.heads(self.key(x)), self.heads(self.value(x))
         if rotary is not None:
-            q, k = _rotate(q, *rotary), _rotate(k, *rotary)
+            q, k = _rotate(q, *rotary, self.head_dim), _rotate(k, *rotary, self.head_dim)
         scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim) + mask
         context = torch.matmul(torch.softmax(scores, dim=-1), v)
         b, _, s, _ = context.shape
         return context.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, head_dim: int) -> torch.Tensor:
     """Rotate-half RoPE on the first rotary_dim channels of x [B, H, S, D]; cos/sin [S, rotary_dim/2]."""
-    rotary_dim = 2 * int(cos.shape[-1])
     x1, x2 = x[..., :rotary_dim].chunk(2, dim=-1)
     rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    if rotary_dim == int(x.shape[-1]):  # static sizes (head and rotary widths), not traced ones
+    if rotary_dim == head_dim:
         return rotated
     return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
 
@@ -159,6 +160,7 @@ class PaddedJinaGraph(nn.Module):
         self.attn_norm = nn.ModuleList(layer.attn_norm for layer in encoder.layers)
         self.ffn_norm = nn.ModuleList(layer.ffn_norm for layer in encoder.layers)
         self.gelu_approximate = cfg.gelu_approximate
+        self.rotary_dim = cfg.rotary_dim
         self.register_buffer("inv_freq", encoder.inv_freq.detach().clone(), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -168,7 +170,7 @@ class PaddedJinaGraph(nn.Module):
         x = self.norm(x)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device, dtype=torch.float32)
         angles = positions.unsqueeze(1) * self.inv_freq
-        rotary = (angles.cos(), angles.sin())
+        rotary = (angles.cos(), angles.sin(), self.rotary_dim)
         mask = _additive_mask(attention_mask, x.dtype)
         for i, attention in enumerate(self.attention):
             x = self.attn_norm[i](x + self.attn_out[i](attention(x, mask, rotary)))

@@ -103,9 +103,12 @@ class ModelExecutor:
 
     def _loop(self) -> None:
         if self.model.device.type == "cpu":
-            self._backend = self.model.backend.for_executor(self._threads)
             if self.lanes != ("search",):
                 lower_thread_priority()
+                # What a batch borrowing the idle cores runs with is ready before the first one (an ONNX
+                # session per thread count); see _widen_for.
+                self.model.backend.for_executor(max(os.cpu_count() or 1, self._threads or 1))
+            self._backend = self.model.backend.for_executor(self._threads)
         with self._stream():
             stager = NextBatchStager(self.model, self.scheduler, self.lanes) if self._stages_batches else None
             while True:

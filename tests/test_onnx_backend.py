@@ -122,14 +122,18 @@ def test_cross_encoder_onnx_matches_torch(tmp_path, kind):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_jina_v3_task_graphs_match_torch_in_mixed_batches(tmp_path):
-    path = tiny_jina.build_jina_v3(tmp_path / "jina-v3")
-    torch_model, onnx_model = torch_and_onnx("jina-v3", path)
-    tasks = [None, "retrieval.query", "retrieval.passage", "text-matching", "retrieval.query"]
+@pytest.mark.parametrize("builder", [tiny_jina.build_jina_v3, tiny_jina.build_jina_clip_v2],
+                         ids=["jina-embeddings-v3", "jina-clip-v2-text"])
+def test_jina_task_graphs_match_torch_in_mixed_batches(tmp_path, builder):
+    path = builder(tmp_path / "jina")
+    torch_model, onnx_model = torch_and_onnx("jina", path)
+    adapters = list(torch_model.runner.encoder.adapter_names)
+    tasks = [([None, *adapters])[i % (len(adapters) + 1)] for i in range(len(TEXTS))]
     options = [EmbedOptions(task=t) for t in tasks]
-    # One mixed batch: grouped by task inside the backend, each group through its merged graph.
+    # One mixed batch: grouped by task inside the backend, each group through its merged graph; no
+    # task means the base weights (v3) or the default adapter (clip's text tower), as on torch.
     assert min_cosine(run_texts(torch_model, TEXTS, options), run_texts(onnx_model, TEXTS, options)) >= FP32_MIN_COSINE
-    assert set(onnx_model.backend.graphs.files) == {"", *tiny_jina.v3_config()["lora_adaptations"]}
+    assert set(onnx_model.backend.graphs.files) == {"", *adapters}
 
 
 # ---- refusals and bad files -----------------------------------------------------------------------
@@ -287,8 +291,11 @@ def test_concurrent_requests_on_onnx_get_the_vectors_they_get_alone(minilm_dir):
         mixed = asyncio.run(together())
         for a, b in zip(single, mixed):
             np.testing.assert_allclose(a, b, rtol=0, atol=2e-6)
-        info = engine.models["minilm"].model
-        assert (info.backend.name, info.backend.precision) == ("onnx", "float32")
+        from infercore.server.dialects.native import model_info
+
+        info = model_info(engine.models["minilm"])
+        assert (info["backend"], info["precision"]) == ("onnx", "float32")
+        assert info["quality"]["min_cosine"] >= FP32_MIN_COSINE
         metrics = engine.metrics.render().decode()
         assert 'infercore_model_info{backend="onnx",device="cpu",model="minilm",precision="float32"} 1.0' in metrics
         assert "infercore_padding_tokens_total" in metrics

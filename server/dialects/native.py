@@ -207,7 +207,7 @@ def routes(engine: Engine) -> list[Route]:
                 # TEI's fields, describing the default (first) model
                 "model_id": first.id,
                 "model_sha": None,
-                "model_dtype": str(first.dtype).removeprefix("torch."),
+                "model_dtype": first.backend.precision,  # the torch dtype, or onnx's float32 / int8
                 "model_type": (
                     {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
                     if first.task == "rerank" else {"embedding": {"pooling": first.runner.pooling}}
