@@ -114,6 +114,7 @@ class OnnxBackend:
         self.max_call_tokens = MAX_CALL_TOKENS[task]
         self._sessions: dict[str, Any] = {}
         self._output: str | None = None
+        self._inputs: set[str] = set()
         self._per_thread = threading.local()
 
     # ---- sessions ------------------------------------------------------------------------------
@@ -128,6 +129,7 @@ class OnnxBackend:
                 raise ValueError(f"task adapter {variant!r} has no ONNX graph (graphs: {known})")
             session = open_session(path, self.device, self.threads)
             self._output = check_graph(session, path, self.task, self.uses_token_types)
+            self._inputs = {i.name for i in session.get_inputs()}
             self._sessions[variant] = session
         return session
 
@@ -195,7 +197,7 @@ class OnnxBackend:
     def _run_group(self, group: PaddedGroup) -> np.ndarray:
         session = self.session(group.variant)
         feeds = {"input_ids": group.input_ids, "attention_mask": group.attention_mask}
-        if group.token_type_ids is not None:
+        if group.token_type_ids is not None and "token_type_ids" in self._inputs:
             feeds["token_type_ids"] = group.token_type_ids
         if self.device.type == "cuda":
             return _run_bound(session, feeds, self._output, self.device)
