@@ -9,8 +9,9 @@
   logits), so only those cross out of the runtime; dense graphs return the hidden states and the
   torch path's own pooling code pools them (same pooling modes, prompt skipping, Dense layers,
   truncation and normalisation as ``--backend torch``).
-- Threads: ``for_executor(threads)`` opens the executor's own sessions with that many intra-op
-  threads (spinning off: the cores are shared with the other executors, tokenizers and the loop).
+- Threads: ``for_executor(threads)`` gives an executor sessions with that many intra-op threads,
+  one set per thread count shared by the executors running with it (spinning off: the cores are
+  shared with the other executors, tokenizers and the loop).
 - CUDA (``onnxruntime-gpu``): the CUDA execution provider with I/O binding; inputs are copied to the
   device once per call and only the graph's output comes back.
 
@@ -103,45 +104,59 @@ class OnnxBackend:
     is_padded = True
 
     def __init__(self, task: str, graphs: ExportedGraphs, runner: Any, device: torch.device,
-                 uses_token_types: bool, threads: int | None = None):
+                 uses_token_types: bool, threads: int | None = None,
+                 shared: dict[int, OnnxBackend] | None = None):
         self.task = task
         self.graphs = graphs
         self.precision = graphs.precision
         self.runner = runner  # the torch runner: dense pooling head, default options, dimensions
         self.device = device
         self.uses_token_types = uses_token_types
-        self.threads = threads
+        self.threads = threads or os.cpu_count() or 1
         self.max_call_tokens = MAX_CALL_TOKENS[task]
         self._sessions: dict[str, Any] = {}
         self._output: str | None = None
         self._inputs: set[str] = set()
-        self._per_thread = threading.local()
+        # Every instance of this model, by intra-op thread count (see for_executor).
+        self._shared = {} if shared is None else shared
+        self._shared.setdefault(self.threads, self)
+        self._lock = threading.Lock()
+        self._session_lock = threading.Lock()
 
     # ---- sessions ------------------------------------------------------------------------------
 
     def session(self, variant: str):
         """This instance's session on ``variant``'s graph, opened on first use."""
         session = self._sessions.get(variant)
-        if session is None:
-            path = self.graphs.files.get(variant)
-            if path is None:
-                known = ", ".join(repr(v or "(base)") for v in self.graphs.files)
-                raise ValueError(f"task adapter {variant!r} has no ONNX graph (graphs: {known})")
-            session = open_session(path, self.device, self.threads)
-            self._output = check_graph(session, path, self.task, self.uses_token_types)
-            self._inputs = {i.name for i in session.get_inputs()}
-            self._sessions[variant] = session
-        return session
+        if session is not None:
+            return session
+        with self._session_lock:  # executors sharing this instance open a graph once
+            if variant not in self._sessions:
+                path = self.graphs.files.get(variant)
+                if path is None:
+                    known = ", ".join(repr(v or "(base)") for v in self.graphs.files)
+                    raise ValueError(f"task adapter {variant!r} has no ONNX graph (graphs: {known})")
+                session = open_session(path, self.device, self.threads)
+                self._output = check_graph(session, path, self.task, self.uses_token_types)
+                self._inputs = {i.name for i in session.get_inputs()}
+                self._sessions[variant] = session
+            return self._sessions[variant]
 
     def for_executor(self, threads: int | None) -> OnnxBackend:
-        """The calling thread's instance with ``threads`` intra-op threads: its own sessions, opened
-        once per thread and count and reused (an executor switches counts as cores fall idle)."""
-        instances = self._per_thread.__dict__.setdefault("instances", {})
-        instance = instances.get(threads)
-        if instance is None:
-            instance = OnnxBackend(self.task, self.graphs, self.runner, self.device, self.uses_token_types, threads)
-            instance.warm_up()
-            instances[threads] = instance
+        """The instance whose sessions run with ``threads`` intra-op threads (None: every core),
+        opened and warmed once per count and shared by the executors that run with that count.
+
+        Sharing is safe and does not oversubscribe: ONNX Runtime runs concurrent calls of one session
+        independently, and a session with one intra-op thread computes on the calling thread, so two
+        single-threaded executors on one session still use one core each. It keeps one copy of the
+        weights per thread count (on 2 cores: 1 and 2 threads) instead of one per executor."""
+        key = threads or os.cpu_count() or 1
+        with self._lock:
+            instance = self._shared.get(key)
+            if instance is None:
+                instance = OnnxBackend(self.task, self.graphs, self.runner, self.device, self.uses_token_types, key,
+                                       self._shared)
+                instance.warm_up()
         return instance
 
     def warm_up(self) -> None:
