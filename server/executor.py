@@ -72,7 +72,7 @@ class ModelExecutor:
         self.healthy = True
         self._stream_priority = stream_priority
         self._threads = threads
-        # This executor's instance of the model's backend (its own threads / sessions), made on its thread.
+        # The backend instance this executor runs with (its thread count; ONNX: the sessions of that count).
         self._backend = model.backend
         self._running_threads = threads
         self._thread = threading.Thread(target=self._loop, name=f"executor-{model.id}-{name}", daemon=True)
