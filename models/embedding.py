@@ -92,26 +92,34 @@ class EmbeddingModel:
         """
         if any(o.task for o in options):
             batch = dataclasses.replace(batch, adapters=tuple(o.task for o in options))
-        hidden = self.encoder(batch)
+        return self.pool(self.encoder(batch), batch.cu_seqlens, options)
+
+    @torch.inference_mode()
+    def pool(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, options: Sequence[EmbedOptions]) -> list[np.ndarray]:
+        """The head alone: packed hidden states [total_tokens, hidden] of the sequences ``cu_seqlens``
+        delimits (inputs first, then any filler) → one vector per input, as ``run`` returns them.
+        Other backends that compute the encoder themselves pool through here (``per_token``: the
+        input's rows of ``hidden``)."""
         device = hidden.device
+        num_seqs = cu_seqlens.shape[0] - 1
         skip = None
         if any(o.skip_leading for o in options):
-            filler = [0] * (batch.num_seqs - len(options))
+            filler = [0] * (num_seqs - len(options))
             skip = torch.tensor([o.skip_leading for o in options] + filler, device=device)
         dims = [o.dimensions or self.dimensions for o in options]
         dims_t = torch.tensor(dims, device=device)
         normalize = torch.tensor([o.normalize for o in options], device=device)
         if self.dense:
-            pooled = segment_pool(hidden, batch.cu_seqlens, self.pooling, skip)[: len(options)]
+            pooled = segment_pool(hidden, cu_seqlens, self.pooling, skip)[: len(options)]
             for layer in self.dense:
                 pooled = layer(pooled)
             out = truncate_normalize(pooled, dims_t, normalize)
         else:  # nothing between pooling and normalising: one fused kernel on CUDA
-            out = pool_truncate_normalize(hidden, batch.cu_seqlens, self.pooling, dims_t, normalize, skip)
+            out = pool_truncate_normalize(hidden, cu_seqlens, self.pooling, dims_t, normalize, skip)
         host = out.cpu().numpy()
         results = [host[i, :d] for i, d in enumerate(dims)]
         if any(o.per_token for o in options):
-            bounds = batch.cu_seqlens.tolist()
+            bounds = cu_seqlens.tolist()
             for i, o in enumerate(options):
                 if o.per_token:
                     results[i] = hidden[bounds[i]:bounds[i + 1]].float().cpu().numpy()

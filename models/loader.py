@@ -17,6 +17,7 @@ import torch
 
 from ..kernels.self_check import check_kernels_once, model_kernel_shapes
 from ..kernels.triton_support import triton_available
+from .backend import Backend, TorchBackend
 from .catalog import CatalogEntry, lookup, recognise
 from .checkpoint import CheckpointError, open_weights
 from .contract import TASKS, Encoder, Runner
@@ -29,9 +30,8 @@ from .images import ImagePreprocessor
 from .layers import WeightReader
 from .listwise import BLOCK_DOCUMENTS, MAX_DOCUMENT_TOKENS, ListwiseReranker
 from .model_dir import ModelDirSpec, read_model_dir
-from .packing import pack_sequences
 from .rerank import RerankModel
-from .settings import ModelSettings
+from .settings import BACKENDS, QUANTIZATIONS, ModelSettings
 from .sparse import SparseEmbeddingModel
 from .tokenizer import TextTokenizer
 
@@ -79,6 +79,14 @@ class ServedModel:
     # processor that turns image bytes into its pixels. None: a text-only model.
     images: ImageEmbeddingModel | None = None
     image_processor: ImagePreprocessor | None = None
+    # What computes the runner's batches (models/backend.py): torch by default; ONNX Runtime with
+    # ``backend: onnx``, then ``quality`` holds its parity figures against the torch path.
+    backend: Backend | None = None
+    quality: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend is None:
+            self.backend = TorchBackend(self.runner, self.device, self.dtype)
 
     @functools.cached_property
     def _prompt_lengths(self) -> dict[str, int]:
@@ -109,7 +117,8 @@ class ServedModel:
     def run_ids(self, ids: list[list[int]]) -> list:
         """Token id lists through the model with default options, on the calling thread (warm-up
         and health probes; requests go through the scheduler)."""
-        return self.runner.run(pack_sequences(ids, device=self.device), [self.runner.default_options()] * len(ids))
+        options = [self.runner.default_options()] * len(ids)
+        return self.backend.run(self.backend.make_batch(ids, None, options), options)
 
 
     def check_kernels(self) -> dict[str, str]:
@@ -191,9 +200,12 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     max_input_tokens_cap: int | None = None,
+    backend: str = "torch",
+    quantize: str = "none",
 ) -> ServedModel:
     """Read, check and load a model directory (or an Elastic eland archive, converted once into the
-    cache); raises CheckpointError with a plain reason."""
+    cache); raises CheckpointError with a plain reason. ``backend``/``quantize``: the server's
+    defaults, which the directory's ``infercore.json`` overrides (models/onnx_backend.py)."""
     path = materialize_eland(path) or path
     spec = read_model_dir(path)
     entry, how = lookup(model_id), "its id or an alias"
@@ -212,7 +224,9 @@ def load_model(
     require_served_task(task, spec.path)
     family = family_for_config(spec.config)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device, family.cuda_dtype)
+    backend, quantize = resolve_backend(spec, settings, backend, quantize)
+    # ONNX graphs are exported (and their parity probed) from fp32 weights, whatever the device.
+    torch_dtype = torch.float32 if backend == "onnx" else resolve_dtype(dtype, torch_device, family.cuda_dtype)
 
     reader = WeightReader(open_weights(spec.path), torch_device, torch_dtype, model_dir=spec.path)
     encoder = family.encoder.from_checkpoint(spec.config, reader)
@@ -246,6 +260,15 @@ def load_model(
     default_task = settings.default_task
     if default_task is not None and default_task not in tasks:
         raise CheckpointError(f"{spec.path}: default task {default_task!r} is not one of the tasks {sorted(tasks)}")
+    onnx, quality = None, None
+    if backend == "onnx":
+        # The graphs cover the text encoder and its head; an image tower (jina-clip-v2) stays on torch
+        # in fp32 beside them, and executors send image inputs to it (server/executor.py).
+        from .onnx_backend import load_onnx_backend
+
+        onnx, report = load_onnx_backend(model_id, spec.path, task, family.name, runner, tokenizer, torch_device,
+                                         quantize, settings.int8_quality_floor)
+        quality = report.as_dict()
     return ServedModel(
         id=model_id,
         task=task,
@@ -272,4 +295,20 @@ def load_model(
         settings=settings,
         images=image_side[0] if image_side else None,
         image_processor=image_side[1] if image_side else None,
+        backend=onnx,
+        quality=quality,
     )
+
+
+def resolve_backend(spec: ModelDirSpec, settings: ModelSettings, backend: str, quantize: str) -> tuple[str, str]:
+    """(backend, quantize) for this model: its ``infercore.json`` (``settings``) over the server's
+    ``--backend``/``--quantize`` (``backend``, ``quantize``); int8 only on onnx."""
+    backend = settings.backend or backend
+    quantize = settings.quantize or quantize
+    if backend not in BACKENDS:
+        raise CheckpointError(f"{spec.path}: backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if quantize not in QUANTIZATIONS:
+        raise CheckpointError(f"{spec.path}: quantize {quantize!r} is not one of {', '.join(QUANTIZATIONS)}")
+    if quantize == "int8" and backend != "onnx":
+        raise CheckpointError(f"{spec.path}: quantize int8 needs the onnx backend (--backend onnx)")
+    return backend, quantize

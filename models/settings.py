@@ -29,6 +29,9 @@ from .checkpoint import CheckpointError
 SETTINGS_FILE = "infercore.json"
 # The one infercore.json key that is not a setting: the catalog entry to take settings from.
 CATALOG_ID_KEY = "catalog_id"
+# What computes a model (models/backend.py) and the weights' quantization (int8: onnx only).
+BACKENDS = ("torch", "onnx")
+QUANTIZATIONS = ("none", "int8")
 
 
 def _date(value: Any) -> dt.date:
@@ -36,6 +39,20 @@ def _date(value: Any) -> dt.date:
         return dt.date.fromisoformat(str(value))
     except ValueError:
         raise ValueError(f"end_of_life_date {value!r} is not a date (YYYY-MM-DD)") from None
+
+
+def _one_of(name: str, choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"{name} {value!r} is not one of {', '.join(choices)}")
+        return value
+    return parse
+
+
+def _quality_floor(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ValueError(f"int8_quality_floor {value!r} is not a cosine in (0, 1]")
+    return float(value)
 
 
 def model_setting(
@@ -78,6 +95,12 @@ class ModelSettings:
     default_task: str | None = None
     # requests to the model are refused (410) after this date
     end_of_life_date: dt.date | None = model_setting(None, parse=_date)
+    # What computes the model and its weights' quantization; None: the server's --backend / --quantize.
+    # A model's own value wins over the server flag (a model that needs torch says so once).
+    backend: str | None = model_setting(None, parse=_one_of("backend", BACKENDS))
+    quantize: str | None = model_setting(None, parse=_one_of("quantize", QUANTIZATIONS))
+    # int8 is served only if its min cosine against fp32 on the fixed text set reaches this (None: 0.99)
+    int8_quality_floor: float | None = model_setting(None, parse=_quality_floor)
     # catalog only
     description: str = model_setting("", in_file=False)
     similarity: str = model_setting("cosine", in_file=False)  # of the vectors, for Elasticsearch's index

@@ -1,5 +1,5 @@
 """Command line: ``infercore serve``, ``infercore models list``, ``infercore models verify PATH``,
-``infercore models import SRC DEST``.
+``infercore models import SRC DEST``, ``infercore models export-onnx PATH [--quantize int8]``.
 
 Every ``serve`` flag but ``--model`` can also be set through the environment as ``INFERCORE_<FLAG>``
 (for example ``INFERCORE_API_KEY``, which keeps the key out of the process list); a flag on the
@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..models.checkpoint import CheckpointError
 from ..models.repository import parse_model_arg, resolve_sources
+from ..models.settings import QUANTIZATIONS
 from .config import add_server_flags, config_from_args, positive_int
 
 
@@ -54,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-attention-heads", type=positive_int, default=None,
         help="only for archives whose code does not show the attention head count",
     )
+    exporting = models_commands.add_parser(
+        "export-onnx",
+        help="export a model directory's ONNX graph into the cache ahead of time (for --backend onnx on an "
+             "air-gapped host: copy the cache, or set INFERCORE_CACHE_DIR)",
+    )
+    exporting.add_argument("path", type=Path)
+    exporting.add_argument("--quantize", choices=QUANTIZATIONS, default="none")
     return parser
 
 
@@ -156,6 +164,17 @@ def import_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_onnx(args: argparse.Namespace) -> int:
+    from ..models.loader import load_model
+
+    configure_logging("info")
+    model = load_model(args.path.name, args.path, "cpu", backend="onnx", quantize=args.quantize)
+    figures = ", ".join(f"{k} {v}" for k, v in (model.quality or {}).items())
+    files = ", ".join(str(path) for path in model.backend.graphs.files.values())
+    print(f"OK: {args.path} exported for onnx {model.backend.precision} ({files}); {figures}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -167,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             return list_catalog(args)
         if args.models_command == "import":
             return import_model(args)
+        if args.models_command == "export-onnx":
+            return export_onnx(args)
         return verify_model(args)
     except (CheckpointError, ValueError) as exc:
         print(f"infercore: error: {exc}", file=sys.stderr)

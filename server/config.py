@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models.repository import ModelSource, parse_model_arg
+from ..models.settings import BACKENDS, QUANTIZATIONS
 from .json_limits import DEFAULT_MAX_DEPTH, DEFAULT_MAX_ELEMENTS, MAX_DEPTH_CEILING
 
 # Per-device default token budget of a batch. On CPU, bigger batches buy nothing (the matmuls are
@@ -130,6 +131,17 @@ class ServerConfig:
     dtype: str = setting(
         "auto", "weights and activations; auto = float32 on CPU, the family's half type on CUDA",
         choices=("auto", "float32", "float16", "bfloat16"),
+    )
+    # A model's own infercore.json "backend" / "quantize" win over these (models/settings.py).
+    backend: str = setting(
+        "torch", "what computes the models: torch, or onnx (ONNX Runtime; the graph is exported once into the "
+        "cache, or the model's own onnx/model.onnx is used; models with an image tower are refused); a model's "
+        "infercore.json 'backend' overrides it", choices=BACKENDS,
+    )
+    quantize: str = setting(
+        "none", "int8: dynamic int8 weights (onnx only), served only if its parity with fp32 on a fixed text set "
+        "reaches the model's floor (min cosine 0.99, infercore.json 'int8_quality_floor'); a model's "
+        "infercore.json 'quantize' overrides it", choices=QUANTIZATIONS,
     )
     api_key: str | None = setting(None, "require 'Authorization: Bearer KEY'", check=_text_or_none)
     # A model's budget is never below its own input limit, so one input always fits.

@@ -80,8 +80,6 @@ from .validation import (
 log = logging.getLogger("infercore.engine")
 
 HEALTH_PROBE_TIMEOUT_S = 30.0
-# The execution backend every model runs on (the Triton kernels are part of it).
-BACKEND = "torch"
 # A request with one input of at most this many tokens and no explicit lane is a search.
 SEARCH_LANE_MAX_TOKENS = 64
 
@@ -190,7 +188,8 @@ class Engine:
             max_image_request_bytes=config.max_image_request_bytes,
             image_url_hosts=config.image_url_hosts,
         )
-        return ServerInfo(__version__, BACKEND, tuple(models), limits, dict(triton_support.disabled()))
+        backends = tuple(sorted({info.backend for info in models}))
+        return ServerInfo(__version__, backends, tuple(models), limits, dict(triton_support.disabled()))
 
     def info(self) -> ServerInfo:
         """The server's and every served model's description (NotReady until loading ends)."""
@@ -204,7 +203,8 @@ class Engine:
         started = time.perf_counter()
         replicas = []
         for device in resolve_devices(self.config.device):
-            replica = load_model(model_id, path, str(device), self.config.dtype, self.config.max_input_tokens)
+            replica = load_model(model_id, path, str(device), self.config.dtype, self.config.max_input_tokens,
+                                 self.config.backend, self.config.quantize)
             replica.warmup()
             replicas.append(replica)
         model = replicas[0]
@@ -216,6 +216,7 @@ class Engine:
             self.config.queued_token_limit(device_type, budget, len(replicas)),
             on_drop=lambda reason, n: self.metrics.dropped.labels(model_id, reason).inc(n),
             spread=device_type == "cpu",
+            padded=model.backend.is_padded,
         )
         executors = []
         for replica in replicas:
@@ -235,9 +236,11 @@ class Engine:
             executor.start()
         handle = ModelHandle(replicas, scheduler, executors)
         self.models[model.id] = handle
+        for replica in replicas:
+            self.metrics.set_model_info(model.id, replica.backend.name, replica.backend.precision, str(replica.device))
         log.info(
-            "loaded model %s (%s, %s, %s on %s, max %d tokens per input, %d per batch, %d executors) in %.1fs",
-            model.id, model.task, model.family, str(model.dtype).removeprefix("torch."), ", ".join(handle.devices),
+            "loaded model %s (%s, %s, %s %s on %s, max %d tokens per input, %d per batch, %d executors) in %.1fs",
+            model.id, model.task, model.family, model.backend.name, model.backend.precision, ", ".join(handle.devices),
             model.max_input_tokens, budget, len(executors), time.perf_counter() - started,
         )
 

@@ -39,13 +39,6 @@ from .scheduler import LANES, TokenBudgetScheduler, WorkItem
 log = logging.getLogger("infercore.executor")
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    message = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
-
-
 @dataclass(frozen=True, slots=True)
 class ItemResult:
     value: Any
@@ -72,13 +65,16 @@ class ModelExecutor:
         self.healthy = True
         self._stream_priority = stream_priority
         self._threads = threads
+        # The backend instance this executor runs with (its thread count; ONNX: the sessions of that count).
+        self._backend = model.backend
+        self._running_threads = threads
         self._thread = threading.Thread(target=self._loop, name=f"executor-{model.id}-{name}", daemon=True)
 
     @property
     def _stages_batches(self) -> bool:
         """CUDA main executors overlap the next batch's packing and copy with the current forward;
         the search executor's batches are small and latency-bound, so it packs when it runs them."""
-        return self.model.device.type == "cuda" and self.lanes != ("search",)
+        return self.model.device.type == "cuda" and self.lanes != ("search",) and not self.model.backend.is_padded
 
     def start(self) -> None:
         if self._stages_batches:
@@ -100,11 +96,12 @@ class ModelExecutor:
 
     def _loop(self) -> None:
         if self.model.device.type == "cpu":
-            if self._threads:
-                # OpenMP and MKL thread counts are per calling thread: this sets this executor's only.
-                torch.set_num_threads(self._threads)
             if self.lanes != ("search",):
                 lower_thread_priority()
+                # What a batch borrowing the idle cores runs with is ready before the first one (an ONNX
+                # session per thread count); see _widen_for.
+                self.model.backend.for_executor(max(os.cpu_count() or 1, self._threads or 1))
+            self._backend = self.model.backend.for_executor(self._threads)
         with self._stream():
             stager = NextBatchStager(self.model, self.scheduler, self.lanes) if self._stages_batches else None
             while True:
@@ -115,7 +112,21 @@ class ModelExecutor:
                 if batch is None:
                     return
                 if batch:
+                    self._widen_for(batch)
                     self._run_batch(batch, packed)
+
+    def _widen_for(self, items: list[WorkItem]) -> None:
+        """CPU: a batch that leaves nothing queued runs with the threads of the executors that are idle
+        beside it too (a lone request uses the whole machine, not one core); otherwise with this
+        executor's own. The next batch taken sets the count again."""
+        if self.model.device.type != "cpu" or self.lanes == ("search",):
+            return
+        own = self._threads or 1
+        spare = self.scheduler.spare_executors(self.lanes)
+        threads = max(min(own * (1 + spare), os.cpu_count() or 1), own)
+        if threads != self._running_threads:
+            self._backend = self.model.backend.for_executor(threads)
+            self._running_threads = threads
 
     def _run_batch(self, items: list[WorkItem], packed: PackedBatch | None = None) -> None:
         started = time.perf_counter()
@@ -144,7 +155,7 @@ class ModelExecutor:
             self.healthy = True
             return results
         except Exception as exc:
-            if is_out_of_memory(exc):
+            if self._backend.is_out_of_memory(exc):
                 return self._split_after_oom(items)
             # A model failure on valid input: report it, keep serving, let /health probe.
             log.exception("model %s failed on a batch of %d inputs", self.model.id, len(items))
@@ -153,23 +164,31 @@ class ModelExecutor:
             return [BackendError(message) for _ in items]
 
     def _forward(self, items: list[WorkItem], packed: PackedBatch | None) -> list[Any]:
-        """The batch's texts through the runner and its images through the vision tower (a batch
+        """The batch's texts through the backend and its images through the vision tower (a batch
         may hold both: they share the model's queue and budget), results in the items' order."""
         texts = [item for item in items if item.image is None]
         images = [item for item in items if item.image is not None]
         if not images:
-            if packed is None:
-                packed = pack_items(items, self.model.device)
-            return list(self.model.runner.run(packed, [item.options for item in items]))
+            return self._run_texts(items, packed)
         by_item: dict[int, Any] = {}
         if texts:
-            if packed is None:
-                packed = pack_items(texts, self.model.device)
-            by_item.update(zip(map(id, texts), self.model.runner.run(packed, [item.options for item in texts])))
+            by_item.update(zip(map(id, texts), self._run_texts(texts, packed)))
+        # Image towers run on torch whatever the text side's backend (onnx exports the text side only).
         pixels = torch.stack([item.image.pixels for item in images])
         vectors = self.model.images.embed_images(pixels, [item.options for item in images])
         by_item.update(zip(map(id, images), vectors))
         return [by_item[id(item)] for item in items]
+
+    def _run_texts(self, texts: list[WorkItem], packed: PackedBatch | None) -> list[Any]:
+        """Text items through this executor's backend; ``packed``: their batch staged already (the
+        torch path on CUDA). Padded backends report the padding they computed."""
+        options = [item.options for item in texts]
+        batch = packed if packed is not None else self._backend.make_batch(
+            [item.tokens.ids for item in texts], [item.tokens.type_ids for item in texts], options)
+        if self._backend.is_padded:
+            waste = self._backend.computed_tokens(batch) - sum(item.num_tokens for item in texts)
+            self.metrics.observe_padding(self.model.id, waste)
+        return list(self._backend.run(batch, options))
 
     def _split_after_oom(self, items: list[WorkItem]) -> list[Any]:
         if self.model.device.type == "cuda":
@@ -278,7 +297,7 @@ def warm_up_full_batch(model: ServedModel, max_batch_tokens: int, max_batch_requ
         try:
             model.run_ids([[token] * length] * count)
         except Exception as exc:
-            if not is_out_of_memory(exc):
+            if not model.backend.is_out_of_memory(exc):
                 raise
             raise RuntimeError(
                 f"model {model.id}: a full batch ({count} inputs of {length} tokens, budget {max_batch_tokens} "

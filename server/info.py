@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..models.contract import TASKS as MODEL_TASKS
 from .errors import ModelNotFound, ValidationError
@@ -45,6 +45,11 @@ class ModelInfo:
     # The first replica's device, and every device the model has a replica on.
     device: str
     devices: tuple[str, ...]
+    # What computes the model (torch | onnx) and at which precision (the torch dtype; onnx: float32 or
+    # int8), and for onnx its parity figures against the torch path (models/onnx_quality.py; None for torch).
+    backend: str = "torch"
+    precision: str = "float32"
+    quality: dict[str, Any] | None = None
     # The first served model of a task answers requests that name no model.
     is_default: bool = False
     # The catalog entry the model was matched to (by id, alias, catalog_id setting, config.json or
@@ -111,7 +116,8 @@ class ServerInfo:
     task, the default first and cross-encoders before the bi-encoder stand-in."""
 
     version: str
-    backend: str
+    # The backends the models run on (sorted: "torch", "onnx" or both).
+    backends: tuple[str, ...]
     models: tuple[ModelInfo, ...]
     limits: ServerLimits
     # Triton kernels the start-up self-check switched off (their torch reference runs instead).
@@ -161,6 +167,9 @@ def describe_model(model: ServedModel, devices: list[str], max_batch_tokens: int
         dtype=dtype_name(model.dtype),
         device=str(model.device),
         devices=tuple(devices),
+        backend=model.backend.name,
+        precision=model.backend.precision,
+        quality=dict(model.quality) if model.quality is not None else None,
         is_default=is_default,
         catalog_id=model.catalog.id if model.catalog else None,
         dimensions=model.dimensions,
@@ -193,6 +202,8 @@ def describe_bi_encoder(reranker_id: str, description: str, embedder: ModelInfo,
         dtype=embedder.dtype,
         device=embedder.device,
         devices=embedder.devices,
+        backend=embedder.backend,
+        precision=embedder.precision,
         is_default=is_default,
         reranker_kind=BI_ENCODER,
         embedding_model=embedder.id,

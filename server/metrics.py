@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -70,6 +70,15 @@ class Metrics:
             "infercore_oom_batch_splits", "Batches split in halves after running out of device memory", ["model"],
             registry=r,
         )
+        # Padded backends (onnx): token positions computed for padding, beside infercore_input_tokens.
+        self.padding_tokens = Counter(
+            "infercore_padding_tokens", "Padding token positions computed by padded backends, by model", ["model"],
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "infercore_model_info", "1 per served model: the backend and precision it runs with",
+            ["model", "backend", "precision", "device"], registry=r,
+        )
 
     def watch_queues(self, depths: Callable[[], Iterable[tuple[str, str, int, int]]]) -> None:
         """Expose queue depth gauges read at scrape time from ``depths()`` → (model, lane, items, tokens)."""
@@ -80,6 +89,12 @@ class Metrics:
         answered it, "" when none did (an error before the model was resolved, a route without one)."""
         self.requests.labels(route, str(status), model).inc()
         self.request_duration.labels(route).observe(duration_s)
+
+    def observe_padding(self, model: str, tokens: int) -> None:
+        self.padding_tokens.labels(model).inc(tokens)
+
+    def set_model_info(self, model: str, backend: str, precision: str, device: str) -> None:
+        self.model_info.labels(model, backend, precision, device).set(1)
 
     def observe_batch(self, model: str, size: int, tokens: int, duration_s: float) -> None:
         self.batch_size.labels(model).observe(size)

@@ -5,7 +5,8 @@ Work items (one per input) are queued by the event loop and taken by the model's
 - Lanes: ``search`` before ``ingest`` before ``batch``. A batch is filled from the highest lane
   first, then topped up from the lower ones, so search inputs never wait behind queued ingest work.
 - Budget: a batch grows in arrival order (within a lane) until the next item would push it past
-  ``max_batch_tokens`` (execution is padding-free, so the sum of real token counts) or
+  ``max_batch_tokens`` (the sum of real token counts for padding-free backends; inputs times the
+  longest input's tokens for ``padded`` ones) or
   ``max_batch_requests``; an item bigger than the budget still runs, alone. No artificial wait: an
   idle executor takes whatever is queued the moment it arrives. With ``spread`` (CPU, one executor
   per core) the queued tokens are shared evenly among the idle executors of the same lanes, so one
@@ -76,6 +77,7 @@ class TokenBudgetScheduler:
         max_queued_tokens: int | None = None,
         on_drop: Callable[[str, int], None] | None = None,
         spread: bool = False,
+        padded: bool = False,
     ):
         if max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be positive")
@@ -92,6 +94,9 @@ class TokenBudgetScheduler:
         # instead of the first one taking a whole budget while the others stay idle.
         self._spread = spread
         self._idle: dict[tuple[str, ...], int] = {}
+        # Padded backends (onnx) compute every input at the batch's longest length: the budget
+        # counts those padded tokens (an upper bound: the backend pads length groups separately).
+        self._padded = padded
 
     # ---- event loop side -----------------------------------------------------------------------
 
@@ -179,6 +184,15 @@ class TokenBudgetScheduler:
             finally:
                 self._idle[lanes] -= 1
 
+    def spare_executors(self, lanes: Iterable[str]) -> int:
+        """Executors of ``lanes`` idle right now when nothing of those lanes is queued: the cores a
+        batch that was just taken may borrow (threads), since no queued work would use them."""
+        lanes = tuple(lanes)
+        with self._cond:
+            if not self._spread or any(self._lane_tokens[lane] for lane in lanes):
+                return 0
+            return self._idle.get(lanes, 0)
+
     def _budget(self, lanes: tuple[str, ...]) -> int:
         """Tokens this batch may hold: the budget, or with ``spread`` an even share of what is queued
         among the executors of these lanes that are idle right now (this one included)."""
@@ -191,6 +205,7 @@ class TokenBudgetScheduler:
     def _form_batch(self, lanes: tuple[str, ...], max_tokens: int) -> list[WorkItem]:
         batch: list[WorkItem] = []
         tokens = 0
+        longest = 0
         now = time.perf_counter()
         for lane in lanes:
             queue = self._lanes[lane]
@@ -208,11 +223,13 @@ class TokenBudgetScheduler:
                     self._pop(lane)
                     self._on_drop("cancelled", 1)
                     continue
-                if batch and (tokens + n > max_tokens or len(batch) >= self.max_batch_requests):
+                cost = (len(batch) + 1) * max(longest, n) if self._padded else tokens + n
+                if batch and (cost > max_tokens or len(batch) >= self.max_batch_requests):
                     return batch
                 self._pop(lane)
                 batch.append(item)
                 tokens += n
+                longest = max(longest, n)
         return batch
 
     def _pop(self, lane: str) -> None:

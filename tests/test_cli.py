@@ -169,8 +169,11 @@ def test_cli_makes_idle_openmp_workers_sleep_unless_told_otherwise(tmp_path):
         ["--max-client-batch-size", "0"],
         ["--payload-limit", "-5"],
         ["--dtype", "float64"],
+        ["--backend", "tensorrt"],
+        ["--quantize", "int4"],
     ],
-    ids=["model_without_id", "zero_batch_size", "negative_payload_limit", "unknown_dtype"],
+    ids=["model_without_id", "zero_batch_size", "negative_payload_limit", "unknown_dtype", "unknown_backend",
+         "unknown_quantization"],
 )
 def test_serve_rejects_invalid_options_before_starting(capsys, monkeypatch, args):
     monkeypatch.setattr(cli, "configure_logging", lambda level: None)  # keep the test process's logging
@@ -190,3 +193,12 @@ def test_serve_drains_and_exits_on_sigterm(tiny_bert_dir, tmp_path):
         server.stop()
     assert not server.killed, server.log()
     assert "Application shutdown complete" in server.log()
+
+
+def test_backend_and_quantize_flags_and_their_environment_variables_reach_the_config(monkeypatch):
+    args = cli.build_parser().parse_args(["serve", "--backend", "onnx", "--quantize", "int8"])
+    config = cli.config_from_args(args)
+    assert (config.backend, config.quantize) == ("onnx", "int8")
+    assert (cli.config_from_args(cli.build_parser().parse_args(["serve"])).backend) == "torch"
+    monkeypatch.setenv("INFERCORE_BACKEND", "onnx")
+    assert cli.config_from_args(cli.build_parser().parse_args(["serve"])).backend == "onnx"

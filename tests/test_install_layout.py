@@ -116,6 +116,14 @@ def test_lock_files_pin_every_package_exactly():
     assert read_lock(ROOT / "locks" / "cpu.txt")["torch"] == "2.13.0+cpu"
 
 
+def test_each_lock_has_one_onnx_runtime_build():
+    # onnxruntime and onnxruntime-gpu install the same module and overwrite each other's files.
+    cpu, cuda = read_lock(ROOT / "locks" / "cpu.txt"), read_lock(ROOT / "locks" / "cuda.txt")
+    assert "onnxruntime" in cpu and "onnxruntime-gpu" not in cpu
+    assert "onnxruntime-gpu" in cuda and "onnxruntime" not in cuda
+    assert "onnx" in cpu and "onnx" in cuda
+
+
 def test_installed_versions_are_the_locks():
     lock = _lock_path()
     if lock is None:

@@ -370,6 +370,46 @@ def test_on_cpu_one_request_is_shared_among_the_idle_executors(tiny_bert_dir):
         engine.shutdown()
 
 
+def test_a_batch_that_leaves_nothing_queued_may_borrow_the_idle_executors(loop):
+    scheduler = TokenBudgetScheduler(max_batch_tokens=1000, spread=True)
+    scheduler._idle[LANES] = 1  # one other main executor waits
+    scheduler.submit(work_items(loop, [300]))  # one long input: cannot be split
+    assert len(scheduler.next_batch(LANES)) == 1
+    assert scheduler.spare_executors(LANES) == 1
+    scheduler.submit(work_items(loop, [300, 300]))  # queued work left: the idle executor will take it
+    scheduler.next_batch(LANES, timeout_s=0)
+    assert scheduler.spare_executors(LANES) == 0
+    assert TokenBudgetScheduler(max_batch_tokens=1000).spare_executors(LANES) == 0  # no spreading (CUDA)
+
+
+def test_on_cpu_a_lone_input_runs_with_the_idle_executors_threads_too(tiny_bert_dir):
+    """One input that cannot be split: the main executor that takes it runs it with both cores'
+    threads while the other main executor idles; with work for both, each runs on its own core."""
+    import torch
+
+    engine = make_engine("tiny", tiny_bert_dir, cpu_workers=2, cpu_threads=1)
+    seen: list[int] = []
+    try:
+        with RunnerSpy(engine, "tiny", fault=lambda batch, options: seen.append(torch.get_num_threads())) as spy:
+            wait_for(lambda: engine.models["tiny"].scheduler._idle.get(LANES) == 2, "both main executors idle")
+            asyncio.run(engine.embed(EmbedRequest([text_of_tokens(engine, "tiny", 100)], priority="ingest")))
+            assert len(spy.batches_of(is_main_executor)) == 1
+        assert seen == [min(2, os.cpu_count() or 1)]
+    finally:
+        engine.shutdown()
+
+
+def test_padded_backends_count_padded_tokens_against_the_budget(loop):
+    packed = TokenBudgetScheduler(max_batch_tokens=400)
+    padded = TokenBudgetScheduler(max_batch_tokens=400, padded=True)
+    for scheduler in (packed, padded):
+        scheduler.submit(work_items(loop, [10, 10, 10, 150, 10]))
+    assert [i.num_tokens for i in packed.next_batch(LANES)] == [10, 10, 10, 150, 10]  # 190 real tokens
+    # padded: 4 inputs at 150 tokens = 600 > 400, so the long input waits for the next batch
+    assert [i.num_tokens for i in padded.next_batch(LANES)] == [10, 10, 10]
+    assert [i.num_tokens for i in padded.next_batch(LANES)] == [150, 10]
+
+
 def test_spreading_never_splits_below_one_input_and_stays_within_the_budget(loop):
     scheduler = TokenBudgetScheduler(max_batch_tokens=100, spread=True)
     scheduler._idle[LANES] = 4  # four other executors of the same lanes are waiting

@@ -75,3 +75,24 @@ def test_a_loaded_model_carries_the_settings_in_force(tiny_bert_dir, tmp_path):
     assert model.max_input_tokens == model.settings.max_input_tokens == 16
     assert model.prompts == {"q": "q: "} and model.default_prompt_name is None
     assert model.settings.description == model.catalog.description != ""
+
+
+def test_backend_settings_are_checked_by_name_and_the_models_own_value_wins_over_the_server_flag(
+    tiny_bert_dir, tmp_path
+):
+    parsed = parse_settings_file({"backend": "onnx", "quantize": "int8", "int8_quality_floor": 0.995}, "m.json")
+    assert parsed == {"backend": "onnx", "quantize": "int8", "int8_quality_floor": 0.995}
+    with pytest.raises(CheckpointError, match=r"m\.json: backend 'tensorrt' is not one of torch, onnx"):
+        parse_settings_file({"backend": "tensorrt"}, "m.json")
+    with pytest.raises(CheckpointError, match=r"m\.json: quantize 'int4' is not one of none, int8"):
+        parse_settings_file({"quantize": "int4"}, "m.json")
+    with pytest.raises(CheckpointError, match=r"m\.json: int8_quality_floor 2 is not a cosine"):
+        parse_settings_file({"int8_quality_floor": 2}, "m.json")
+    path = shutil.copytree(tiny_bert_dir, tmp_path / "m")
+    (path / "infercore.json").write_text(json.dumps({"backend": "torch"}))
+    # --backend onnx --quantize int8 on the server; the model's infercore.json keeps it on torch
+    model = load_model("m", path, device="cpu", backend="onnx")
+    assert (model.settings.backend, model.backend.name) == ("torch", "torch")
+    (path / "infercore.json").write_text(json.dumps({"backend": "torch", "quantize": "int8"}))
+    with pytest.raises(CheckpointError, match="quantize int8 needs the onnx backend"):
+        load_model("m", path, device="cpu")

@@ -212,7 +212,7 @@ def routes(engine: Engine) -> list[Route]:
                 # TEI's fields, describing the default (first) model
                 "model_id": first.id,
                 "model_sha": None,
-                "model_dtype": first.dtype,
+                "model_dtype": first.precision,  # the torch dtype, or onnx's float32 / int8
                 "model_type": (
                     {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
                     if first.task == "rerank" else {"embedding": {"pooling": first.pooling}}
@@ -227,6 +227,8 @@ def routes(engine: Engine) -> list[Route]:
                 "max_image_request_bytes": limits.max_image_request_bytes,
                 "image_url_hosts": list(limits.image_url_hosts),
                 "version": server.version,
+                # what computes the models: "torch", "onnx" or both (each model says which in "backend")
+                "backends": list(server.backends),
                 # Triton kernels the start-up self-check switched off (their torch reference runs)
                 "kernels_switched_off": server.kernels_switched_off,
                 # every served model
@@ -272,7 +274,10 @@ def model_json(info: ModelInfo) -> dict:
         "family": info.family,
         "description": info.description,
     }
-    placement = {"dtype": info.dtype, "device": info.device, "devices": list(info.devices)}
+    # What computes the model (torch | onnx) at which precision, its first replica's device and every
+    # device it has a replica on.
+    placement = {"dtype": info.dtype, "backend": info.backend, "precision": info.precision, "device": info.device,
+                 "devices": list(info.devices)}
     if info.reranker_kind == BI_ENCODER:
         return {**common, "kind": BI_ENCODER, "embedding_model": info.embedding_model,
                 "max_input_tokens": info.max_input_tokens, **placement}
@@ -293,6 +298,8 @@ def model_json(info: ModelInfo) -> dict:
         "modalities": list(info.modalities),
         **({"image_tokens": info.image_tokens} if info.image_input else {}),
         **placement,
+        # the ONNX graph's parity figures against the torch path (null for torch)
+        "quality": info.quality,
         **(
             {"kind": info.reranker_kind, "max_query_tokens": info.max_query_tokens,
              "rerank_windows": info.rerank_windows, "window_overlap_tokens": info.window_overlap_tokens}

