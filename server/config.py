@@ -135,7 +135,7 @@ class ServerConfig:
     # A model's own infercore.json "backend" / "quantize" win over these (models/settings.py).
     backend: str = setting(
         "torch", "what computes the models: torch, or onnx (ONNX Runtime; the graph is exported once into the "
-        "cache, or the model's own onnx/model.onnx is used; models with an image tower are refused); a model's "
+        "cache, or the model's own onnx/model.onnx is used; an image tower stays on torch); a model's "
         "infercore.json 'backend' overrides it", choices=BACKENDS,
     )
     quantize: str = setting(
