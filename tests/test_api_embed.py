@@ -342,6 +342,9 @@ def test_info_describes_the_default_model_the_limits_and_every_model(multi_clien
         ("minilm", MINILM_DIMS, 256),
         ("tiny", TINY_DIMS, 128),
     ]
+    # torch models: the backend, the precision (the dtype), no ONNX parity figures
+    assert info["backends"] == ["torch"] and info["model_dtype"] == "float32"
+    assert {(m["backend"], m["precision"], m["quality"]) for m in info["models"]} == {("torch", "float32", None)}
 
 
 # ---- tokenizer routes --------------------------------------------------------------------------------
