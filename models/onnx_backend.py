@@ -174,8 +174,13 @@ class OnnxBackend:
         self.run(self.make_batch([[1] * 8, [1] * 8], None, options), options)
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
+        """ONNX Runtime's allocation failures, and torch's: dense pooling and an image tower still run
+        in torch beside the graph."""
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
         message = str(exc)
-        return "Failed to allocate memory" in message or "out of memory" in message.lower()
+        return ("Failed to allocate memory" in message or "out of memory" in message.lower()
+                or "can't allocate memory" in message)
 
     # ---- batches -------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -332,3 +333,14 @@ def test_jina_clip_on_onnx_embeds_texts_through_the_graph_and_images_on_torch(tm
             engine.shutdown()
     assert min_cosine(vectors["onnx"][:1], vectors["torch"][:1]) >= FP32_MIN_COSINE
     np.testing.assert_allclose(vectors["onnx"][1], vectors["torch"][1], rtol=0, atol=1e-6)
+
+
+def test_an_allocation_failure_of_either_runtime_counts_as_out_of_memory(tiny_bert_dir):
+    """The executor splits a batch in halves on these: ONNX Runtime's own, and torch's (pooling and an
+    image tower run in torch beside the graph)."""
+    backend = load_model("tiny", tiny_bert_dir, "cpu", backend="onnx").backend
+    assert backend.is_out_of_memory(RuntimeError(
+        "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer of size 1024"))
+    assert backend.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1"))
+    assert backend.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert not backend.is_out_of_memory(ValueError("task adapter 'x' has no ONNX graph"))
