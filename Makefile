@@ -140,13 +140,15 @@ bench-replicas: setup-test
 	$(PY) benchmarks/bench_replicas.py $(BENCH_REPLICAS_ARGS)
 
 .PHONY: test-ray
-# Ray Serve (the optional extra `ray`, outside the locks' default set): .venv-ray holds the CPU lock's
-# packages plus ray[serve]; runs tests/test_ray_serve.py there (a local Ray instance, two CPU replicas).
+# Ray Serve (the optional extra `ray`, outside the default installs): .venv-ray holds locks/ray.txt (the
+# CPU set plus ray[serve], every package pinned); runs tests/test_ray_serve.py there (a local Ray
+# instance, two CPU replicas).
 RAY_VENV := .venv-ray
+RAY_LOCK := locks/ray.txt
 test-ray:
 	test -x $(RAY_VENV)/bin/python || $(PYTHON) -m venv $(RAY_VENV)
-	$(RAY_VENV)/bin/python -m pip install --disable-pip-version-check -q -c $(LOCK) '$(TORCH_SPEC)'
-	$(RAY_VENV)/bin/python -m pip install --disable-pip-version-check -q -c $(LOCK) -e '.[starter,test,ray]'
+	$(RAY_VENV)/bin/python -m pip install --disable-pip-version-check -q -c $(RAY_LOCK) '$(TORCH_SPEC)'
+	$(RAY_VENV)/bin/python -m pip install --disable-pip-version-check -q -c $(RAY_LOCK) -e '.[starter,test,onnx,ray]'
 	$(RAY_VENV)/bin/python -m pytest tests/test_ray_serve.py $(PYTEST_ARGS)
 
 .PHONY: bench-cpu
