@@ -47,6 +47,7 @@ from .canonical import (
     SparseEmbedRequest,
     Timings,
     TokenizeRequest,
+    as_list,
     spell_token,
 )
 from .config import ServerConfig
@@ -593,7 +594,7 @@ class Engine:
             if model.runner.listwise:
                 raise ValidationError(f"model {model.id!r} is a listwise reranker: it scores a query against "
                                       "documents (POST /rerank), not single sequences")
-            check_inputs([t for item in request.inputs for t in ([item] if isinstance(item, str) else item)],
+            check_inputs([t for item in request.inputs for t in as_list(item)],
                          self.config.max_client_batch_size)
             truncate = self.config.auto_truncate if request.truncate is None else request.truncate
 

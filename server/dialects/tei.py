@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..canonical import EmbedRequest, PredictRequest, RerankRequest, SparseEmbedRequest
+from ..canonical import EmbedRequest, PredictRequest, RerankRequest, SparseEmbedRequest, as_list
 from ..engine import Engine
 from ..errors import InferenceError, ValidationError
 from ..http import decode_json, endpoint, json_response, read_body, result_headers, scheduling_hints, until_disconnect
@@ -190,7 +190,7 @@ def routes(engine: Engine) -> list[Route]:
         priority, timeout_s = scheduling_hints(request)
         work = engine.embed(
             EmbedRequest(
-                inputs=[body.inputs] if isinstance(body.inputs, str) else body.inputs,
+                inputs=as_list(body.inputs),
                 model=body.model,
                 normalize=body.normalize,
                 truncate=body.truncate,
@@ -209,7 +209,7 @@ def routes(engine: Engine) -> list[Route]:
         priority, timeout_s = scheduling_hints(request)
         work = engine.embed(
             EmbedRequest(
-                inputs=[body.inputs] if isinstance(body.inputs, str) else body.inputs,
+                inputs=as_list(body.inputs),
                 model=body.model,
                 truncate=body.truncate,
                 truncate_left=body.truncation_direction.lower() == "left",
@@ -238,7 +238,7 @@ def routes(engine: Engine) -> list[Route]:
         body = decode_json(raw, SparseBody)
         priority, timeout_s = scheduling_hints(request)
         work = engine.embed_sparse(SparseEmbedRequest(
-            [body.inputs] if isinstance(body.inputs, str) else body.inputs, model=body.model, truncate=body.truncate,
+            as_list(body.inputs), model=body.model, truncate=body.truncate,
             truncate_left=body.truncation_direction.lower() == "left", priority=priority, timeout_s=timeout_s,
         ))
         result = await until_disconnect(request, work)
