@@ -458,15 +458,7 @@ class Engine:
         results = await self.compute(handle, payloads, options, lane, until)
 
         tokens = sum(len(p) if isinstance(p, TokenizedInput) else p.tokens for p in payloads)
-        timings = Timings(
-            tokenization_s=prepared_at - started,
-            queue_s=max(r.queue_s for r in results),
-            inference_s=max(r.inference_s for r in results),
-            total_s=time.perf_counter() - started,
-        )
-        self.metrics.observe_inference(
-            model.id, lane, len(results), tokens, timings.tokenization_s, timings.queue_s, timings.inference_s
-        )
+        timings = self._account(model.id, lane, results, tokens, started, prepared_at)
         log.debug("embedded %d texts and %d images (%s) with model %s", len(text_at), len(image_at),
                   ", ".join(f"{p.format} {p.width}x{p.height}" for p in prepared), model.id)
         return EmbedResult(
@@ -644,6 +636,21 @@ class Engine:
                 return next(iter(self.bi_encoder_rerankers.values()))
         return self.resolve(name, "rerank")
 
+    def _account(self, model_id: str, lane: str, results: list, tokens: int, started: float,
+                 prepared_at: float) -> Timings:
+        """A request's stage times (the slowest input counts for queue and inference), recorded in
+        the metrics: what every embedding pipeline reports once its inputs are computed."""
+        timings = Timings(
+            tokenization_s=prepared_at - started,
+            queue_s=max(r.queue_s for r in results),
+            inference_s=max(r.inference_s for r in results),
+            total_s=time.perf_counter() - started,
+        )
+        self.metrics.observe_inference(
+            model_id, lane, len(results), tokens, timings.tokenization_s, timings.queue_s, timings.inference_s
+        )
+        return timings
+
     async def _run(
         self, handle: ModelHandle, texts: list[str], options: Any, truncate: bool | None, truncate_left: bool,
         priority: str | None, timeout_s: float | None, started: float,
@@ -663,15 +670,7 @@ class Engine:
         results = await self.compute(handle, tokenized, [options] * len(tokenized), lane, until)
 
         tokens = sum(len(t) for t in tokenized)
-        timings = Timings(
-            tokenization_s=tokenized_at - started,
-            queue_s=max(r.queue_s for r in results),
-            inference_s=max(r.inference_s for r in results),
-            total_s=time.perf_counter() - started,
-        )
-        self.metrics.observe_inference(
-            model.id, lane, len(results), tokens, timings.tokenization_s, timings.queue_s, timings.inference_s
-        )
+        timings = self._account(model.id, lane, results, tokens, started, tokenized_at)
         return EmbedResult(
             model=model.id,
             vectors=[r.value for r in results],
