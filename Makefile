@@ -39,16 +39,17 @@ $(TEST_STAMP): $(SETUP_STAMP)
 
 setup: $(SETUP_STAMP)
 
-setup-test: $(TEST_STAMP)
+# Everything `python -m pytest` needs: the test venv and the client matrix's venvs.
+setup-test: $(TEST_STAMP) clients
 
 serve: setup
 	$(VENV)/bin/infercore serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
-test: setup-test clients
+test: setup-test
 	INFERCORE_LOCK=$(LOCK) $(PY) -m pytest $(PYTEST_ARGS)
 
-# The client matrix (tests/test_client_matrix.py, and tritonclient for tests/test_oip.py): each client library in its own venv under
-# .cache/clients/<name>/, installed with --no-deps from its lock (locks/clients/<name>.txt), so the venv
+# The client matrix (tests/test_client_matrix.py, and tritonclient for tests/test_oip.py): each client
+# library in its own venv under .cache/clients/<name>/, installed with --no-deps from its lock (locks/clients/<name>.txt), so the venv
 # holds exactly the pinned set and never the server's dependencies. Re-installed when the lock changes;
 # the stamp records the lock's sha256, and the matrix tests refuse a venv built from another lock.
 CLIENTS := openai cohere huggingface_hub langchain_openai llama_index grpc_reflection tritonclient
@@ -75,7 +76,7 @@ lock: | $(PY)
 # The suite against the newest versions pyproject.toml allows, in its own venv, unlocked: drift shows
 # here before a re-lock makes it everyone's problem.
 LATEST_VENV := .venv-latest
-test-latest:
+test-latest: clients
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install --disable-pip-version-check -q '$(TORCH_SPEC)'
