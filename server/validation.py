@@ -14,15 +14,20 @@ if TYPE_CHECKING:
     from ..models.loader import ServedModel
 
 
-def check_inputs(inputs: list[str] | list[list[int]], max_client_batch_size: int) -> None:
-    """Texts, or rows of token ids: not none, not too many, none empty."""
+def check_batch_size(inputs: list, count: int, max_client_batch_size: int) -> None:
+    """Some inputs, and at most ``max_client_batch_size`` of them (``count``: the inputs that compute)."""
     if not inputs:
         raise ValidationError("inputs must not be empty")
-    if len(inputs) > max_client_batch_size:
+    if count > max_client_batch_size:
         raise PayloadTooLarge(
-            f"batch size {len(inputs)} is larger than the maximum of {max_client_batch_size} inputs per request "
+            f"batch size {count} is larger than the maximum of {max_client_batch_size} inputs per request "
             "(--max-client-batch-size)"
         )
+
+
+def check_inputs(inputs: list[str] | list[list[int]], max_client_batch_size: int) -> None:
+    """Texts, or rows of token ids: not none, not too many, none empty."""
+    check_batch_size(inputs, len(inputs), max_client_batch_size)
     for i, text in enumerate(inputs):
         if not text:
             raise ValidationError(f"input {i} is empty")
@@ -31,13 +36,7 @@ def check_inputs(inputs: list[str] | list[list[int]], max_client_batch_size: int
 def check_embed_inputs(inputs: list[EmbedInput], flat: list[str | ImageInput], max_client_batch_size: int) -> None:
     """``check_inputs`` for an embedding request that may hold images and groups: the texts and images
     of all groups together count against the batch size; no empty text, image or group."""
-    if not inputs:
-        raise ValidationError("inputs must not be empty")
-    if len(flat) > max_client_batch_size:
-        raise PayloadTooLarge(
-            f"batch size {len(flat)} is larger than the maximum of {max_client_batch_size} inputs per request "
-            "(--max-client-batch-size)"
-        )
+    check_batch_size(inputs, len(flat), max_client_batch_size)
     for i, item in enumerate(inputs):
         members = item.items if isinstance(item, InputGroup) else (item,)
         if not members:
