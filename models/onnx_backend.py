@@ -34,9 +34,16 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError
-from .onnx_export import BASE, ONNX_FAMILIES, ExportedGraphs, exported_graphs
+from .onnx_export import BASE, DEFAULT_INT8_OUTLIERS, ONNX_FAMILIES, ExportedGraphs, exported_graphs
 from .onnx_graph import OUTPUT_NAMES
-from .onnx_quality import DEFAULT_INT8_FLOOR, FP32_FLOOR, QUALITY_PASSAGES, QUALITY_QUERIES, QUALITY_TEXTS, measure
+from .onnx_quality import (
+    CALIBRATION_TEXTS,
+    DEFAULT_INT8_FLOOR,
+    FP32_FLOOR,
+    QUALITY_PASSAGES,
+    QUALITY_QUERIES,
+    measure,
+)
 from .packing import pack_sequences
 from .sparse import extract_sparse
 
@@ -315,17 +322,28 @@ def check_graph(session, path: Path, task: str, uses_token_types: bool) -> str:
 # ---- load ---------------------------------------------------------------------------------------
 
 
-def quality_inputs(task: str, tokenizer) -> tuple[list[Any], list[int]]:
+def quality_inputs(task: str, tokenizer, queries: Sequence[str] = QUALITY_QUERIES,
+                   passages: Sequence[str] = QUALITY_PASSAGES) -> tuple[list[Any], list[int]]:
     """The probe's tokenized inputs (rerank: every (query, passage) pair) and rerank group sizes."""
     if task == "rerank":
         pairs, groups = [], []
-        for query in QUALITY_QUERIES:
-            encoded = tokenizer.encode_pairs(query, list(QUALITY_PASSAGES), max(8, tokenizer.max_input_tokens // 4),
+        for query in queries:
+            encoded = tokenizer.encode_pairs(query, list(passages), max(8, tokenizer.max_input_tokens // 4),
                                              windows=False, overlap_tokens=0, max_windows=1, truncate=True)
             pairs += [p.tokens for p in encoded]
             groups.append(len(encoded))
         return pairs, groups
-    return tokenizer.encode_batch(list(QUALITY_TEXTS), truncate=True), []
+    return tokenizer.encode_batch([*queries, *passages], truncate=True), []
+
+
+def calibration_inputs(task: str, tokenizer) -> list[tuple[list[int], list[int] | None]]:
+    """(ids, type ids) of CALIBRATION_TEXTS as ``task`` sees them (rerank: the first three texts as
+    queries against the others), for an int8 export's outlier channels."""
+    queries, passages = CALIBRATION_TEXTS[:3], CALIBRATION_TEXTS[3:]
+    if task != "rerank":
+        queries, passages = (), CALIBRATION_TEXTS
+    inputs, _ = quality_inputs(task, tokenizer, queries, passages)
+    return [(list(t.ids), list(t.type_ids) if t.type_ids is not None else None) for t in inputs]
 
 
 def probe_quality(task: str, backend: OnnxBackend, runner: Any, tokenizer, vocab: int, variants: Sequence[str]):
@@ -351,7 +369,8 @@ def probe_quality(task: str, backend: OnnxBackend, runner: Any, tokenizer, vocab
 
 
 def load_onnx_backend(model_id: str, model_dir: Path, task: str, family: str, runner: Any, tokenizer,
-                      device: torch.device, quantize: str, int8_floor: float | None):
+                      device: torch.device, quantize: str, int8_floor: float | None,
+                      int8_outliers: str | None = None):
     """The model's ONNX backend, checked against its torch runner; returns (backend, quality report).
 
     Raises CheckpointError: a family or head the graphs do not cover, no runtime, a graph that cannot
@@ -369,7 +388,8 @@ def load_onnx_backend(model_id: str, model_dir: Path, task: str, family: str, ru
     encoder = runner.encoder
     uses_token_types = getattr(getattr(encoder, "embeddings", None), "token_type", None) is not None and \
         getattr(encoder, "family", "") != "jina-xlm-roberta"
-    graphs = exported_graphs(model_dir, task, runner, quantize)
+    outliers = int8_outliers or DEFAULT_INT8_OUTLIERS
+    graphs = exported_graphs(model_dir, task, runner, quantize, lambda: calibration_inputs(task, tokenizer), outliers)
     backend = OnnxBackend(task, graphs, runner, device, uses_token_types)
     for variant in graphs.files:
         backend.session(variant)  # a graph that does not load fails here, at load
@@ -384,12 +404,15 @@ def load_onnx_backend(model_id: str, model_dir: Path, task: str, family: str, ru
                 f"({report.describe()} against the torch path; at least {floor} expected): delete it to export "
                 "again, or serve with --backend torch"
             )
+        more = ("" if graphs.outliers in (None, "all") else
+                'set "int8_outliers": "all" in its infercore.json (more channels in fp32; the default), or ')
         raise CheckpointError(
             f"model {model_id}: int8 refused, its quality is below the floor: {report.describe()} against fp32 "
-            f"(floor: min cosine {floor}, int8_quality_floor in infercore.json); serve it with --quantize none"
+            f"(floor: min cosine {floor}, int8_quality_floor in infercore.json); {more}serve it with --quantize none"
         )
-    log.info("model %s: onnx %s from %s (%s), parity with torch fp32: %s", model_id, graphs.precision,
-             graphs.source, where, report.describe())
+    log.info("model %s: onnx %s from %s (%s), parity with torch fp32: %s%s", model_id, graphs.precision,
+             graphs.source, where, report.describe(),
+             f"; outlier channels in fp32 ({graphs.outliers}): {graphs.fp32_channels}" if graphs.outliers else "")
     if device.type == "cpu":
         _release_torch_weights(runner, task)
     return backend, report

@@ -65,6 +65,27 @@ QUALITY_PASSAGES = (
 
 QUALITY_TEXTS = QUALITY_QUERIES + QUALITY_PASSAGES
 
+# What int8 exports measure activations on to find the outlier channels (onnx_graph): other texts than
+# the probe's, so the probe judges the split on texts it was not fitted to.
+CALIBRATION_TEXTS = (
+    "how long does it take to boil an egg",
+    "train tickets from berlin to prague",
+    "¿cuál es el río más largo de europa?",
+    "The library opens at nine on weekdays and at ten on Saturdays; it is closed on Sundays and public "
+    "holidays. Members can borrow up to twelve items at a time for three weeks and renew them online.",
+    "A compiler translates source code written in a high-level language into machine code. It parses "
+    "the program into a syntax tree, checks types, optimises an intermediate representation and finally "
+    "allocates registers and emits instructions for the target processor.",
+    "Der Vertrag kann von beiden Seiten mit einer Frist von drei Monaten zum Monatsende gekündigt werden. "
+    "Die Kündigung bedarf der Schriftform; maßgeblich ist der Zugang beim Empfänger.",
+    "Les glaciers des Alpes ont perdu plus de la moitié de leur volume depuis 1900, et la fonte s'est "
+    "accélérée au cours des deux dernières décennies sous l'effet du réchauffement climatique.",
+    "Patient reports intermittent chest pain radiating to the left arm, worse on exertion, with shortness "
+    "of breath. ECG shows ST depression in leads V4 to V6; troponin pending.",
+    "Q3 revenue rose 12 % year over year to $4.2 billion, driven by cloud subscriptions, while operating "
+    "margin narrowed to 18 % on higher data-centre depreciation. Guidance for Q4 was left unchanged.",
+)
+
 
 @dataclass(frozen=True)
 class QualityReport:

@@ -225,10 +225,18 @@ def test_int8_minilm_passes_the_gate_and_a_damaged_quantization_is_refused(minil
     assert model.backend.precision == "int8"
     assert model.quality["precision"] == "int8"
     assert 0.99 <= model.quality["min_cosine"] < 1.0
+    # MiniLM's outlier channels (a few of the FFN's and of the hidden states') were found and kept fp32.
+    assert model.quality["int8_outliers"] == "all"
+    assert model.quality["fp32_channels"]["ffn"] >= 3 and model.quality["fp32_channels"]["inputs"] >= 3
     int8 = model.backend.graphs.files[""]
     graph = onnx.load(str(int8))
-    # Quantized: every layer's attention output and FFN projections are integer matmuls.
-    assert sum(node.op_type == "MatMulInteger" for node in graph.graph.node) == 6 * 3
+    # Quantized: every layer's QKV (one projection), attention output and FFN projections are integer
+    # matmuls; the outlier channels' projections are float ones.
+    assert sum(node.op_type == "MatMulInteger" for node in graph.graph.node) == 6 * 4
+    fp32_weights = {init.name for init in graph.graph.initializer}
+    outlier_matmuls = [node for node in graph.graph.node if node.op_type == "MatMul" and "outlier" in node.name
+                       and fp32_weights.intersection(node.input)]
+    assert len(outlier_matmuls) >= 6
 
     # Damage the quantization: every weight scale off by a random factor per channel.
     rng = np.random.default_rng(0)
@@ -244,6 +252,76 @@ def test_int8_minilm_passes_the_gate_and_a_damaged_quantization_is_refused(minil
     with pytest.raises(CheckpointError, match=r"int8 refused, its quality is below the floor: min_cosine 0\.\d+"):
         load_model("minilm", minilm_dir, "cpu", backend="onnx", quantize="int8")
     int8.unlink()  # the next int8 load in this session exports a sound graph again
+
+
+def plant_ffn_outliers(path: Path, factor: float = 64.0, ffn_gain: float = 40.0) -> None:
+    """Make a random ReLU BERT's FFN matter (its output weights × ``ffn_gain``: at init they are too
+    small to move the residual stream), then scale FFN channel 0 of every layer up before the
+    activation and down after it: the same function (relu(k·x)/k = relu(x)) with an activation
+    outlier channel in every layer."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    for name, tensor in tensors.items():
+        if ".intermediate.dense." in name:
+            tensor[0] *= factor
+        elif name.endswith(".output.dense.weight") and ".attention." not in name:
+            tensor *= ffn_gain
+            tensor[:, 0] /= factor
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("kind", ["bert", "jina"])
+@pytest.mark.parametrize("inputs", [False, True], ids=["ffn", "all"])
+def test_outlier_split_computes_the_same_function_in_fp32(tmp_path, monkeypatch, kind, inputs):
+    from infercore.models import onnx_graph
+    from infercore.models.onnx_backend import calibration_inputs
+
+    if kind == "bert":
+        model = load_model("bert", tiny_checkpoints.build_bert(tmp_path / "b", "bert-tiny-gelu-new"), "cpu")
+        graph = onnx_graph.PaddedBertGraph(model.runner.encoder).eval()
+    else:
+        model = load_model("jina", tiny_jina.build_jina_v3(tmp_path / "j"), "cpu")
+        graph = onnx_graph.PaddedJinaGraph(model.runner.encoder, model.runner.encoder.adapter_names[0]).eval()
+    monkeypatch.setattr(onnx_graph, "OUTLIER_RATIO", 0.0)  # every layer splits its largest channels off
+    tokenized = model.tokenizer.encode_batch(TEXTS[:3], truncate=True)
+    width = max(len(t.ids) for t in tokenized)
+    ids = torch.tensor([t.ids + [0] * (width - len(t.ids)) for t in tokenized])
+    mask = torch.tensor([[1] * len(t.ids) + [0] * (width - len(t.ids)) for t in tokenized])
+    args = (ids, mask, torch.zeros_like(ids)) if graph.uses_token_types else (ids, mask)
+    with torch.no_grad():
+        before = graph(*args)
+        encoder_weights = [p.clone() for p in model.runner.encoder.parameters()]
+        counts = onnx_graph.split_outlier_channels(graph, calibration_inputs("text_embedding", model.tokenizer), inputs)
+        after = graph(*args)
+    layers = len(graph.ffn)
+    assert counts["ffn"] >= layers and (counts["inputs"] >= 2 * layers if inputs else counts["inputs"] == 0)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    # The split copies weights: the torch path's encoder (the parity probe's reference) is untouched.
+    assert all(torch.equal(a, b) for a, b in zip(encoder_weights, model.runner.encoder.parameters()))
+
+
+def test_int8_keeps_a_planted_outlier_channel_in_fp32(tmp_path):
+    """A model whose FFN has an outlier channel in every layer: without the split its int8 quality
+    drops (the channel sets every other channel's quantization step); with it, it stays near fp32."""
+    figures = {}
+    for plan in ("none", "ffn"):
+        path = tiny_checkpoints.build_bert(tmp_path / plan, "bert-tiny-relu-1type")
+        plant_ffn_outliers(path)
+        (path / "infercore.json").write_text(json.dumps({"int8_outliers": plan, "int8_quality_floor": 0.01}))
+        model = load_model(plan, path, "cpu", backend="onnx", quantize="int8")
+        figures[plan] = model.quality
+    assert figures["ffn"]["fp32_channels"]["ffn"] >= 1 and figures["none"]["fp32_channels"]["ffn"] == 0
+    # Measured: 0.99892 without the split, 0.999992 with it.
+    assert figures["none"]["min_cosine"] < 0.9995 and figures["ffn"]["min_cosine"] >= 0.9999
+    assert 1 - figures["none"]["min_cosine"] > 20 * (1 - figures["ffn"]["min_cosine"])
+
+
+def test_int8_outlier_plan_is_validated_in_infercore_json(tmp_path):
+    path = tiny_checkpoints.build_bert(tmp_path / "plan")
+    (path / "infercore.json").write_text(json.dumps({"int8_outliers": "most"}))
+    with pytest.raises(CheckpointError, match=r"int8_outliers 'most' is not one of ffn, all, none"):
+        load_model("plan", path, "cpu", backend="onnx", quantize="int8")
 
 
 def test_int8_floor_is_read_from_infercore_json(tmp_path):
