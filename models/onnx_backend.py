@@ -11,7 +11,8 @@
   truncation and normalisation as ``--backend torch``).
 - Threads: ``for_executor(threads)`` gives an executor sessions with that many intra-op threads,
   one set per thread count shared by the executors running with it (spinning off: the cores are
-  shared with the other executors, tokenizers and the loop).
+  shared with the other executors, tokenizers and the loop; on in a session on every core, which
+  only runs lone batches).
 - CUDA (``onnxruntime-gpu``): the CUDA execution provider with I/O binding; inputs are copied to the
   device once per call and only the graph's output comes back.
 
@@ -270,10 +271,15 @@ def open_session(path: Path, device: torch.device, threads: int | None):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.inter_op_num_threads = 1
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    cores = os.cpu_count() or 1
+    options.intra_op_num_threads = threads or cores
     # Idle intra-op threads sleep instead of spinning: the cores are shared (OMP_WAIT_POLICY=PASSIVE
-    # does the same for torch; see server/cli.py).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # does the same for torch; see server/cli.py). Except in a session on every core, which runs only
+    # a batch no other executor competes with (server/executor.py: a lone batch takes the idle
+    # executors' threads): there, waking sleeping threads at each of the graph's ~100 parallel
+    # sections cost 12-14 % of an int8 MiniLM call (8 × 256 tokens, 2 cores).
+    spinning = options.intra_op_num_threads >= cores > 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.log_severity_level = 3
     if device.type == "cuda":
         available = ort.get_available_providers()
