@@ -85,26 +85,17 @@ def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Te
 
 
 class _PaddedAttention(nn.Module):
-    """Q, K, V projections, scaled dot product with an additive key mask, softmax, context.
-
-    Q, K and V are three projections by default (the pattern the transformer optimizer fuses, fp32);
-    ``fuse_qkv`` makes them one (int8: one quantization of the input and one GEMM instead of three)."""
+    """Q, K, V projections, scaled dot product with an additive key mask, softmax, context."""
 
     def __init__(self, qkv: nn.Module, num_heads: int):
         super().__init__()
         self.query, self.key, self.value = _split_linear(qkv, 3)
-        self.qkv: nn.Linear | None = None
         self.num_heads = num_heads
         self.head_dim = self.query.weight.shape[0] // num_heads
         self.input_split: _InputOutliers | None = None
 
-    def fuse_qkv(self) -> None:
-        parts = (self.query, self.key, self.value)
-        self.qkv = _linear(torch.cat([p.weight.detach() for p in parts]), torch.cat([p.bias.detach() for p in parts]))
-        self.query = self.key = self.value = None
-
     def projections(self) -> tuple[nn.Linear, ...]:
-        return (self.qkv,) if self.qkv is not None else (self.query, self.key, self.value)
+        return (self.query, self.key, self.value)
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
@@ -115,8 +106,6 @@ class _PaddedAttention(nn.Module):
         """``rotary``: cos, sin [seq, rotary_dim / 2] and rotary_dim (a Python int: static in the graph)."""
         projections = self.projections()
         outputs = [p(x) for p in projections] if self.input_split is None else self.input_split(x, projections)
-        if len(outputs) == 1:
-            outputs = outputs[0].chunk(3, dim=-1)
         q, k, v = (self.heads(y) for y in outputs)
         if rotary is not None:
             q, k = _rotate(q, *rotary, self.head_dim), _rotate(k, *rotary, self.head_dim)

@@ -230,9 +230,9 @@ def test_int8_minilm_passes_the_gate_and_a_damaged_quantization_is_refused(minil
     assert model.quality["fp32_channels"]["ffn"] >= 3 and model.quality["fp32_channels"]["inputs"] >= 3
     int8 = model.backend.graphs.files[""]
     graph = onnx.load(str(int8))
-    # Quantized: every layer's QKV (one projection), attention output and FFN projections are integer
-    # matmuls; the outlier channels' projections are float ones.
-    assert sum(node.op_type == "MatMulInteger" for node in graph.graph.node) == 6 * 4
+    # Quantized: every layer's Q, K, V, attention output and FFN projections are integer matmuls; the
+    # outlier channels' projections are float ones.
+    assert sum(node.op_type == "MatMulInteger" for node in graph.graph.node) == 6 * 6
     fp32_weights = {init.name for init in graph.graph.initializer}
     outlier_matmuls = [node for node in graph.graph.node if node.op_type == "MatMul" and "outlier" in node.name
                        and fp32_weights.intersection(node.input)]
