@@ -4,7 +4,8 @@
   each padded only to its own longest input; a group closes when one more input would make it pad
   more than ``MAX_PADDING_SHARE`` of its tokens or exceed the per-call token cap (SPLADE's graph
   holds [tokens, vocab] logits inside ONNX Runtime, so its calls stay small). One ``run`` per group;
-  results go back in input order.
+  results go back in input order. A group without padding runs through the model's unpadded graph
+  when it has one (no mask: ONNX Runtime's flash attention).
 - Heads: sparse and rerank graphs end in the head (``[batch, vocab]`` term weights, ``[batch]``
   logits), so only those cross out of the runtime; dense graphs return the hidden states and the
   torch path's own pooling code pools them (same pooling modes, prompt skipping, Dense layers,
@@ -122,9 +123,11 @@ class OnnxBackend:
         self.uses_token_types = uses_token_types
         self.threads = threads or os.cpu_count() or 1
         self.max_call_tokens = MAX_CALL_TOKENS[task]
-        self._sessions: dict[str, Any] = {}
+        self._sessions: dict[tuple[str, bool], Any] = {}  # (variant, unpadded) → session
         self._output: str | None = None
-        self._inputs: set[str] = set()
+        self._inputs: dict[tuple[str, bool], set[str]] = {}
+        # False: every group runs through the masked graph (the parity probe checks both ways)
+        self.use_unpadded = True
         # Every instance of this model, by intra-op thread count (see for_executor).
         self._shared = {} if shared is None else shared
         self._shared.setdefault(self.threads, self)
@@ -133,22 +136,31 @@ class OnnxBackend:
 
     # ---- sessions ------------------------------------------------------------------------------
 
-    def session(self, variant: str):
-        """This instance's session on ``variant``'s graph, opened on first use."""
-        session = self._sessions.get(variant)
+    def session(self, variant: str, unpadded: bool = False):
+        """This instance's session on ``variant``'s graph (``unpadded``: its graph for groups without
+        padding), opened on first use."""
+        key = (variant, unpadded)
+        session = self._sessions.get(key)
         if session is not None:
             return session
         with self._session_lock:  # executors sharing this instance open a graph once
-            if variant not in self._sessions:
-                path = self.graphs.files.get(variant)
+            if key not in self._sessions:
+                path = (self.graphs.unpadded if unpadded else self.graphs.files).get(variant)
                 if path is None:
                     known = ", ".join(repr(v or "(base)") for v in self.graphs.files)
                     raise ValueError(f"task adapter {variant!r} has no ONNX graph (graphs: {known})")
                 session = open_session(path, self.device, self.threads)
-                self._output = check_graph(session, path, self.task, self.uses_token_types)
-                self._inputs = {i.name for i in session.get_inputs()}
-                self._sessions[variant] = session
-            return self._sessions[variant]
+                self._output = check_graph(session, path, self.task, self.uses_token_types, unpadded)
+                self._inputs[key] = {i.name for i in session.get_inputs()}
+                self._sessions[key] = session
+            return self._sessions[key]
+
+    def open_all(self) -> None:
+        """Open every graph of the model now (a graph that does not load fails at load)."""
+        for variant in self.graphs.files:
+            self.session(variant)
+        for variant in self.graphs.unpadded:
+            self.session(variant, unpadded=True)
 
     def for_executor(self, threads: int | None) -> OnnxBackend:
         """The instance whose sessions run with ``threads`` intra-op threads (None: every core),
@@ -173,13 +185,15 @@ class OnnxBackend:
         return instance
 
     def warm_up(self) -> None:
-        """Open the first graph's session and run one small batch through it, so the first request
-        this instance serves pays neither the session's creation nor its first-run allocations."""
+        """Open the first graph's sessions and run a small batch through each (one without padding,
+        one with), so the first request this instance serves pays neither a session's creation nor
+        its first-run allocations."""
         variant = next(iter(self.graphs.files))
         options = [self.runner.default_options()] * 2
         if variant:
             options = [type(options[0])(task=variant)] * 2
-        self.run(self.make_batch([[1] * 8, [1] * 8], None, options), options)
+        for lengths in ((8, 8), (8, 7)):
+            self.run(self.make_batch([[1] * n for n in lengths], None, options), options)
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         """ONNX Runtime's allocation failures, and torch's: dense pooling and an image tower still run
@@ -228,9 +242,15 @@ class OnnxBackend:
         return results
 
     def _run_group(self, group: PaddedGroup) -> np.ndarray:
-        session = self.session(group.variant)
-        feeds = {"input_ids": group.input_ids, "attention_mask": group.attention_mask}
-        if group.token_type_ids is not None and "token_type_ids" in self._inputs:
+        # A group whose inputs all have its width has no padding: the unpadded graph (no mask) runs it.
+        unpadded = (self.use_unpadded and group.variant in self.graphs.unpadded
+                    and min(group.seq_lens) == group.input_ids.shape[1])
+        session = self.session(group.variant, unpadded)
+        inputs = self._inputs[group.variant, unpadded]
+        feeds = {"input_ids": group.input_ids}
+        if "attention_mask" in inputs:
+            feeds["attention_mask"] = group.attention_mask
+        if group.token_type_ids is not None and "token_type_ids" in inputs:
             feeds["token_type_ids"] = group.token_type_ids
         if self.device.type == "cuda":
             return _run_bound(session, feeds, self._output, self.device)
@@ -302,13 +322,14 @@ def open_session(path: Path, device: torch.device, threads: int | None):
         ) from None
 
 
-def check_graph(session, path: Path, task: str, uses_token_types: bool) -> str:
+def check_graph(session, path: Path, task: str, uses_token_types: bool, unpadded: bool = False) -> str:
     """The graph's inputs and output fit this model and task; returns the output name to fetch."""
     inputs = {i.name for i in session.get_inputs()}
     wanted = {"input_ids", "attention_mask"} | ({"token_type_ids"} if uses_token_types else set())
-    # A graph may lack token_type_ids where the model has an all-zero table row; it may not ask
-    # for inputs we do not have.
-    if not {"input_ids", "attention_mask"} <= inputs or inputs - wanted:
+    # A graph may lack token_type_ids where the model has an all-zero table row (and an unpadded
+    # graph its attention_mask, unless its head uses it); it may not ask for inputs we do not have.
+    needed = {"input_ids"} if unpadded else {"input_ids", "attention_mask"}
+    if not needed <= inputs or inputs - wanted:
         raise CheckpointError(
             f"{path}: graph inputs {sorted(inputs)} do not match the model (expected {sorted(wanted)}); the file "
             "belongs to another model or export: delete it, or serve with --backend torch"
@@ -365,12 +386,22 @@ def probe_quality(task: str, backend: OnnxBackend, runner: Any, tokenizer, vocab
         def reference(_, opts=opts):
             return list(runner.run(pack_sequences(ids, types), opts))
 
-        def candidate(_, opts=opts):
-            return backend.run(backend.make_batch(ids, types, opts), opts)
+        for unpadded in (True, False):  # groups without padding on the unpadded graph; every group padded
 
-        report = measure(task, backend.precision, vocab, reference, candidate, inputs, groups)
-        if worst is None or report.min_cosine < worst.min_cosine:
-            worst = report
+            def candidate(_, opts=opts, unpadded=unpadded):
+                backend.use_unpadded = unpadded
+                try:
+                    # alone, every input is a group without padding; together, most are padded
+                    if unpadded:
+                        return [backend.run(backend.make_batch([i], [t], [o]), [o])[0]
+                                for i, t, o in zip(ids, types, opts)]
+                    return backend.run(backend.make_batch(ids, types, opts), opts)
+                finally:
+                    backend.use_unpadded = True
+
+            report = measure(task, backend.precision, vocab, reference, candidate, inputs, groups)
+            if worst is None or report.min_cosine < worst.min_cosine:
+                worst = report
     return worst
 
 
@@ -397,8 +428,7 @@ def load_onnx_backend(model_id: str, model_dir: Path, task: str, family: str, ru
     outliers = int8_outliers or DEFAULT_INT8_OUTLIERS
     graphs = exported_graphs(model_dir, task, runner, quantize, lambda: calibration_inputs(task, tokenizer), outliers)
     backend = OnnxBackend(task, graphs, runner, device, uses_token_types)
-    for variant in graphs.files:
-        backend.session(variant)  # a graph that does not load fails here, at load
+    backend.open_all()  # a graph that does not load fails here, at load
     vocab = getattr(runner, "dimensions", 0)
     report = probe_quality(task, backend, runner, tokenizer, vocab, tuple(graphs.files))
     floor = FP32_FLOOR if graphs.precision == "float32" else (int8_floor or DEFAULT_INT8_FLOOR)

@@ -26,10 +26,16 @@ The quantizer leaves every MatMul whose node name contains ``outlier`` in fp32 (
 an exported node is named after the modules it is called through, so only the fp32 projections'
 modules carry the word (the split's own module is ``input_split``).
 
+Unpadded graphs (BERT and XLM-R layouts, not Jina's rotary one): the same weights exported a second
+time with no mask, attention as one ``com.microsoft.MultiHeadAttention`` node, which ONNX Runtime's
+CPU kernel computes with MLAS's flash attention only when it has no mask. The backend runs a group
+whose inputs all have the same length through it (passages cut at the model's window mostly are).
+
 Graph contract (every family):
 
     inputs   input_ids       [batch, seq] int64
-             attention_mask  [batch, seq] int64, 1 for tokens, 0 for padding (right-padded)
+             attention_mask  [batch, seq] int64, 1 for tokens, 0 for padding (right-padded; absent
+                             from an unpadded graph whose head does not use it)
              token_type_ids  [batch, seq] int64 (BERT with a token-type table only)
     outputs  last_hidden_state  [batch, seq, hidden] float32   (text_embedding: pooled on the host
                                                                 with the torch path's pooling code)
@@ -84,6 +90,25 @@ def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return (1.0 - mask) * torch.finfo(dtype).min
 
 
+class _UnmaskedAttention(torch.autograd.Function):
+    """``softmax(q kᵀ / √d) v`` over every position of [batch, seq, heads · d] projections, exported
+    as ONNX Runtime's ``com.microsoft.MultiHeadAttention`` with no mask: on CPU that node runs MLAS's
+    flash attention (tiled, no [seq, seq] scores in memory), about a third faster than the unfused
+    product, transpose and softmax nodes at 8 × 256 tokens. Only for inputs without padding."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+        b, s, e = q.shape
+        heads = [t.reshape(b, s, num_heads, e // num_heads).transpose(1, 2) for t in (q, k, v)]
+        return F.scaled_dot_product_attention(*heads).transpose(1, 2).reshape(b, s, e)
+
+    @staticmethod
+    def symbolic(g, q, k, v, num_heads: int):
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=num_heads)
+        out.setType(q.type())
+        return out
+
+
 class _PaddedAttention(nn.Module):
     """Q, K, V projections, scaled dot product with an additive key mask, softmax, context."""
 
@@ -101,11 +126,14 @@ class _PaddedAttention(nn.Module):
         b, s, _ = x.shape
         return x.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
                 rotary: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
-        """``rotary``: cos, sin [seq, rotary_dim / 2] and rotary_dim (a Python int: static in the graph)."""
+        """``rotary``: cos, sin [seq, rotary_dim / 2] and rotary_dim (a Python int: static in the graph);
+        ``mask`` None: no position is padding (the unpadded graph)."""
         projections = self.projections()
         outputs = [p(x) for p in projections] if self.input_split is None else self.input_split(x, projections)
+        if mask is None and rotary is None:
+            return _UnmaskedAttention.apply(*outputs, self.num_heads)
         q, k, v = (self.heads(y) for y in outputs)
         if rotary is not None:
             q, k = _rotate(q, *rotary, self.head_dim), _rotate(k, *rotary, self.head_dim)
@@ -250,6 +278,14 @@ class PaddedBertGraph(nn.Module):
         self.attention = nn.ModuleList(_PaddedAttention(layer.qkv, layer.num_heads) for layer in encoder.layers)
         self.ffn = nn.ModuleList(_FeedForward(layer.ffn_in, layer.act, layer.ffn_out) for layer in encoder.layers)
         self.uses_token_types = encoder.embeddings.token_type is not None
+        # The unpadded graph (``unpadded()``): attention over every position, no mask.
+        self.without_padding = False
+
+    def unpadded(self) -> PaddedBertGraph:
+        """This graph for batches without padding: attention runs as one MultiHeadAttention node with
+        no mask (flash attention on CPU); the attention_mask input is then ignored."""
+        self.without_padding = True
+        return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -259,7 +295,7 @@ class PaddedBertGraph(nn.Module):
         if emb.token_type is not None:
             x = x + emb.token_type(token_type_ids)
         x = emb.norm(x)
-        mask = _additive_mask(attention_mask, x.dtype)
+        mask = None if self.without_padding else _additive_mask(attention_mask, x.dtype)
         for layer, attention, ffn in zip(self.layers, self.attention, self.ffn):
             x = layer.attn_norm(x + layer.attn_out(attention(x, mask)))
             x = layer.ffn_norm(x + ffn(x))

@@ -88,6 +88,29 @@ def test_minilm_onnx_matches_torch_and_fuses_attention(minilm_dir):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_groups_without_padding_run_on_the_unpadded_graph_with_the_same_results(tmp_path, quantize):
+    path = tiny_checkpoints.build_bert(tmp_path / "unpadded", "bert-tiny-gelu-new")
+    model = load_model("unpadded", path, "cpu", backend="onnx", quantize=quantize)
+    backend = model.backend
+    unpadded = onnx.load(str(backend.graphs.unpadded[""]))
+    # One MultiHeadAttention node per layer (flash attention on CPU), no mask input.
+    assert sum(node.op_type == "MultiHeadAttention" for node in unpadded.graph.node) == 3
+    assert "attention_mask" not in {i.name for i in unpadded.graph.input}
+    same_length = [list(range(1000, 1012)), list(range(2000, 2012)), list(range(3000, 3012))]
+    options = [model.runner.default_options()] * 3
+    batch = backend.make_batch(same_length, None, options)
+    assert len(batch.groups) == 1 and min(batch.groups[0].seq_lens) == batch.groups[0].input_ids.shape[1]
+    through_unpadded = backend.run(batch, options)
+    assert set(backend._sessions) == {("", False), ("", True)}
+    backend.use_unpadded = False
+    try:
+        through_masked = backend.run(batch, options)
+    finally:
+        backend.use_unpadded = True
+    np.testing.assert_allclose(through_unpadded, through_masked, rtol=1e-4, atol=1e-5)
+
+
 def test_xlmr_dense_onnx_matches_torch(tmp_path):
     path = tiny_jina.build_multilingual_e5(tmp_path / "e5")
     torch_model, onnx_model = torch_and_onnx("e5", path)
