@@ -410,6 +410,21 @@ def test_padded_backends_count_padded_tokens_against_the_budget(loop):
     assert [i.num_tokens for i in padded.next_batch(LANES)] == [150, 10]
 
 
+def test_a_padded_backend_spreads_by_real_tokens_within_the_padded_budget(loop):
+    scheduler = TokenBudgetScheduler(max_batch_tokens=4096, spread=True, padded=True)
+    scheduler._idle[LANES] = 1  # one other executor waits: 1,200 queued tokens, a share of 600 each
+    scheduler.submit(work_items(loop, [100, 300, 120, 280, 110, 290]))
+    # 520 real tokens (900 padded): counted padded against the share, only [100, 300] would go, and
+    # the other executor would get 800 of the 1,200 tokens.
+    assert [item.num_tokens for item in scheduler.next_batch(LANES)] == [100, 300, 120]
+    scheduler._idle[LANES] = 0
+    assert [item.num_tokens for item in scheduler.next_batch(LANES)] == [280, 110, 290]
+    # The padded budget still caps a batch: 1,700 real tokens, but 4 inputs padded to 1,100 are 4,400.
+    scheduler.submit(work_items(loop, [200, 200, 200, 1100]))
+    assert [item.num_tokens for item in scheduler.next_batch(LANES)] == [200, 200, 200]
+    assert [item.num_tokens for item in scheduler.next_batch(LANES)] == [1100]
+
+
 def test_spreading_never_splits_below_one_input_and_stays_within_the_budget(loop):
     scheduler = TokenBudgetScheduler(max_batch_tokens=100, spread=True)
     scheduler._idle[LANES] = 4  # four other executors of the same lanes are waiting
