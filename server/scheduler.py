@@ -203,10 +203,11 @@ class TokenBudgetScheduler:
         return min(self.max_batch_tokens, -(-queued // idle))
 
     def _form_batch(self, lanes: tuple[str, ...], share: int) -> list[WorkItem]:
-        """Items in lane order while their real tokens stay within ``share`` (``_budget``) and, for a
-        padded backend, their padded tokens within ``max_batch_tokens``. The even share is counted in
-        real tokens on both kinds of backend: counted padded, a spread request of unequal lengths left
-        its first executor fewer inputs than the rest (3 of 8 BERT-base passages), which then idled."""
+        """Items in lane order while their real tokens stay near ``share`` (``_budget``) and within
+        ``max_batch_tokens``, and for a padded backend their padded tokens within ``max_batch_tokens``
+        too. The even share is counted in real tokens on both kinds of backend: counted padded, a
+        spread request of unequal lengths left its first executor fewer inputs than the rest (3 of 8
+        BERT-base passages), which then idled."""
         batch: list[WorkItem] = []
         tokens = 0
         longest = 0
@@ -228,6 +229,10 @@ class TokenBudgetScheduler:
                     self._on_drop("cancelled", 1)
                     continue
                 over = tokens + n > share
+                if over and batch and share < self.max_batch_tokens and tokens + n <= self.max_batch_tokens:
+                    # An even share (spreading): the input that crosses it joins when the batch ends
+                    # nearer the share with it than without (else 8 inputs split 3 + 5, not 4 + 4).
+                    over = tokens + n - share > share - tokens
                 if self._padded:
                     over = over or (len(batch) + 1) * max(longest, n) > self.max_batch_tokens
                 if batch and (over or len(batch) >= self.max_batch_requests):

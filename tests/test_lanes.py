@@ -436,4 +436,5 @@ def test_spreading_never_splits_below_one_input_and_stays_within_the_budget(loop
     assert [item.num_tokens for item in scheduler.next_batch(LANES)] == [30, 30, 30]
     scheduler._idle[LANES] = 2
     scheduler.submit(work_items(loop, [10] * 3))  # 7 x 30 + 3 x 10 = 240 queued, 3 idle: 80 each
-    assert [item.num_tokens for item in scheduler.next_batch(LANES)] == [30, 30]
+    # 90 tokens is nearer the share of 80 than 60 is; still within the budget of 100
+    assert [item.num_tokens for item in scheduler.next_batch(LANES)] == [30, 30, 30]
