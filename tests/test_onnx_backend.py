@@ -367,6 +367,10 @@ def test_length_groups_bound_padding_and_keep_variants_apart():
         padding = widest * len(group) - sum(lengths[i] for i in group)
         assert padding <= 0.25 * widest * len(group)
     assert group_by_length([5, 5], ["a", "b"], 8192) == [[0], [1]]
+    # Past 256 real tokens a group pads no more: the short inputs share a group, each long one
+    # (290, 300, 310: 3 % padding would be allowed) runs alone, inputs of one length together.
+    assert sorted(sorted(g) for g in groups) == [[0, 2, 3, 5], [1], [4], [6]]
+    assert group_by_length([300, 300, 299, 300], [""] * 4, 8192) == [[2], [0, 1, 3]]
     capped = group_by_length(lengths, [""] * 7, 600)
     assert all(len(g) * max(lengths[i] for i in g) <= 600 or len(g) == 1 for g in capped)
 
