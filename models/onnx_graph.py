@@ -70,17 +70,19 @@ OUTLIER_MAX_SHARE = 1 / 64
 OUTPUT_NAMES = {"text_embedding": "last_hidden_state", "sparse_embedding": "sparse_weights", "rerank": "logits"}
 
 
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    linear.weight.data.copy_(weight)
+    if bias is not None:
+        linear.bias.data.copy_(bias)
+    return linear
+
+
 def _split_linear(fused: nn.Linear | nn.Module, parts: int) -> list[nn.Linear]:
     """``parts`` Linears over equal row blocks of a fused projection (weights copied)."""
     weight, bias = fused.weight.detach(), fused.bias.detach()
     rows = weight.shape[0] // parts
-    out = []
-    for i in range(parts):
-        linear = nn.Linear(weight.shape[1], rows)
-        linear.weight.data.copy_(weight[i * rows : (i + 1) * rows])
-        linear.bias.data.copy_(bias[i * rows : (i + 1) * rows])
-        out.append(linear)
-    return out
+    return [_linear(weight[i * rows : (i + 1) * rows], bias[i * rows : (i + 1) * rows]) for i in range(parts)]
 
 
 def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -141,14 +143,6 @@ class _PaddedAttention(nn.Module):
         context = torch.matmul(torch.softmax(scores, dim=-1), v)
         b, _, s, _ = context.shape
         return context.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
-
-
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    linear.weight.data.copy_(weight)
-    if bias is not None:
-        linear.bias.data.copy_(bias)
-    return linear
 
 
 class _InputOutliers(nn.Module):
@@ -319,11 +313,7 @@ def _merged_linear(adapted: nn.Module, task: int | None) -> nn.Linear:
     if delta is not None:
         for (columns, ranks), b in zip(delta.columns_and_ranks, delta.b):
             weight[columns] += b.detach() @ delta.a[ranks].detach()
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=base.bias is not None)
-    linear.weight.data.copy_(weight)
-    if base.bias is not None:
-        linear.bias.data.copy_(base.bias.detach())
-    return linear
+    return _linear(weight, None if base.bias is None else base.bias.detach())
 
 
 def _merged_embedding(adapted: nn.Module, task: int | None) -> nn.Embedding:
