@@ -112,21 +112,27 @@ class ModelExecutor:
                 if batch is None:
                     return
                 if batch:
-                    self._widen_for(batch)
-                    self._run_batch(batch, packed)
+                    lent = self._widen_for(batch)
+                    try:
+                        self._run_batch(batch, packed)
+                    finally:
+                        self.scheduler.give_back(self.lanes, lent)
 
-    def _widen_for(self, items: list[WorkItem]) -> None:
+    def _widen_for(self, items: list[WorkItem]) -> int:
         """CPU: a batch that leaves nothing queued runs with the threads of the executors that are idle
         beside it too (a lone request uses the whole machine, not one core); otherwise with this
-        executor's own. The next batch taken sets the count again."""
+        executor's own. The idle executors are lent (they take no work) until the batch is done;
+        returns how many. The next batch taken sets the count again."""
         if self.model.device.type != "cpu" or self.lanes == ("search",):
-            return
+            return 0
         own = self._threads or 1
-        spare = self.scheduler.spare_executors(self.lanes)
-        threads = max(min(own * (1 + spare), os.cpu_count() or 1), own)
+        cores = os.cpu_count() or 1
+        lent = self.scheduler.borrow_idle(self.lanes, -(-cores // own) - 1)
+        threads = max(min(own * (1 + lent), cores), own)
         if threads != self._running_threads:
             self._backend = self.model.backend.for_executor(threads)
             self._running_threads = threads
+        return lent
 
     def _run_batch(self, items: list[WorkItem], packed: PackedBatch | None = None) -> None:
         started = time.perf_counter()

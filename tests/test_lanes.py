@@ -375,11 +375,28 @@ def test_a_batch_that_leaves_nothing_queued_may_borrow_the_idle_executors(loop):
     scheduler._idle[LANES] = 1  # one other main executor waits
     scheduler.submit(work_items(loop, [300]))  # one long input: cannot be split
     assert len(scheduler.next_batch(LANES)) == 1
-    assert scheduler.spare_executors(LANES) == 1
+    assert scheduler.borrow_idle(LANES, most=1) == 1
+    assert scheduler.borrow_idle(LANES, most=1) == 0  # lent already
+    scheduler.give_back(LANES, 1)
     scheduler.submit(work_items(loop, [300, 300]))  # queued work left: the idle executor will take it
     scheduler.next_batch(LANES, timeout_s=0)
-    assert scheduler.spare_executors(LANES) == 0
-    assert TokenBudgetScheduler(max_batch_tokens=1000).spare_executors(LANES) == 0  # no spreading (CUDA)
+    assert scheduler.borrow_idle(LANES, most=1) == 0
+    assert TokenBudgetScheduler(max_batch_tokens=1000).borrow_idle(LANES, most=1) == 0  # no spreading (CUDA)
+
+
+def test_a_lent_executor_takes_no_work_until_the_borrowing_batch_gives_it_back(loop):
+    """The borrowed cores run the borrowing batch's threads: work arriving meanwhile waits for it
+    instead of running beside it on the same cores."""
+    scheduler = TokenBudgetScheduler(max_batch_tokens=1000, spread=True)
+    scheduler._idle[LANES] = 1  # the executor that will be lent, waiting in next_batch
+    scheduler.submit(work_items(loop, [300]))
+    assert len(scheduler.next_batch(LANES)) == 1
+    assert scheduler.borrow_idle(LANES, most=1) == 1
+    scheduler.submit(work_items(loop, [100, 100]))
+    scheduler._idle[LANES] = 0  # the lent one is now the caller
+    assert scheduler.next_batch(LANES, timeout_s=0.05) == []  # lent: nothing taken
+    scheduler.give_back(LANES, 1)
+    assert [item.num_tokens for item in scheduler.next_batch(LANES, timeout_s=0.05)] == [100, 100]
 
 
 def test_on_cpu_a_lone_input_runs_with_the_idle_executors_threads_too(tiny_bert_dir):
