@@ -267,8 +267,9 @@ def load_model(
         from .onnx_backend import load_onnx_backend
 
         onnx, report = load_onnx_backend(model_id, spec.path, task, family.name, runner, tokenizer, torch_device,
-                                         quantize, settings.int8_quality_floor, settings.int8_outliers)
-        quality = report.as_dict()
+                                         quantize, settings.int8_quality_floor, settings.int8_outliers,
+                                         settings.onnx_unpadded_graph)
+        quality = report.as_dict() | {"unpadded_graph": bool(onnx.graphs.unpadded)}
         if onnx.graphs.outliers is not None:  # an int8 graph exported here: its fp32 outlier channels
             quality |= {"int8_outliers": onnx.graphs.outliers, "fp32_channels": onnx.graphs.fp32_channels}
     return ServedModel(

@@ -25,6 +25,7 @@ probe (``onnx_quality``) against the torch path before anything is served.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -397,7 +398,8 @@ def probe_quality(task: str, backend: OnnxBackend, runner: Any, tokenizer, vocab
         def reference(_, expected=expected):
             return expected
 
-        for unpadded in (True, False):  # groups without padding on the unpadded graph; every group padded
+        # groups without padding on the unpadded graph (when the model has one); every group padded
+        for unpadded in (True, False) if backend.graphs.unpadded else (False,):
 
             def candidate(_, opts=opts, unpadded=unpadded):
                 backend.use_unpadded = unpadded
@@ -418,8 +420,9 @@ def probe_quality(task: str, backend: OnnxBackend, runner: Any, tokenizer, vocab
 
 def load_onnx_backend(model_id: str, model_dir: Path, task: str, family: str, runner: Any, tokenizer,
                       device: torch.device, quantize: str, int8_floor: float | None,
-                      int8_outliers: str | None = None):
+                      int8_outliers: str | None = None, unpadded_graph: bool = True):
     """The model's ONNX backend, checked against its torch runner; returns (backend, quality report).
+    ``unpadded_graph`` False: the unmasked graphs are neither opened nor probed (every group padded).
 
     Raises CheckpointError: a family or head the graphs do not cover, no runtime, a graph that cannot
     be exported or loaded, or one whose figures are below the floor (int8) / FP32_FLOOR (fp32)."""
@@ -438,6 +441,8 @@ def load_onnx_backend(model_id: str, model_dir: Path, task: str, family: str, ru
         getattr(encoder, "family", "") != "jina-xlm-roberta"
     outliers = int8_outliers or DEFAULT_INT8_OUTLIERS
     graphs = exported_graphs(model_dir, task, runner, quantize, lambda: calibration_inputs(task, tokenizer), outliers)
+    if not unpadded_graph:  # still exported and cached (the cache does not depend on this setting)
+        graphs = dataclasses.replace(graphs, unpadded={})
     backend = OnnxBackend(task, graphs, runner, device, uses_token_types)
     backend.open_all()  # a graph that does not load fails here, at load
     vocab = getattr(runner, "dimensions", 0)

@@ -23,6 +23,7 @@ from infercore.models.checkpoint import CheckpointError  # noqa: E402
 from infercore.models.embedding import EmbedOptions  # noqa: E402
 from infercore.models.loader import load_model  # noqa: E402
 from infercore.models.onnx_backend import group_by_length  # noqa: E402
+from infercore.models.packing import pack_sequences  # noqa: E402
 from infercore.models.sparse import SparseOptions  # noqa: E402
 from tests import tiny_checkpoints, tiny_jina, tiny_llama_like  # noqa: E402
 
@@ -109,6 +110,27 @@ def test_groups_without_padding_run_on_the_unpadded_graph_with_the_same_results(
     finally:
         backend.use_unpadded = True
     np.testing.assert_allclose(through_unpadded, through_masked, rtol=1e-4, atol=1e-5)
+    assert model.quality["unpadded_graph"] is True
+
+
+def test_a_model_can_turn_the_unpadded_graph_off_in_infercore_json(tmp_path):
+    """One graph in memory instead of two: the unmasked graph is never opened, groups without
+    padding run through the masked one, and /info says so."""
+    path = tiny_checkpoints.build_bert(tmp_path / "masked-only", "bert-tiny-gelu-new")
+    (path / "infercore.json").write_text(json.dumps({"onnx_unpadded_graph": False}))
+    model = load_model("masked-only", path, "cpu", backend="onnx")
+    backend = model.backend
+    assert backend.graphs.unpadded == {} and model.quality["unpadded_graph"] is False
+    same_length = [list(range(1000, 1012)), list(range(2000, 2012))]
+    options = [model.runner.default_options()] * 2
+    vectors = backend.run(backend.make_batch(same_length, None, options), options)
+    assert set(backend._sessions) == {("", False)}
+    torch_model = load_model("torch", path, "cpu", backend="torch")
+    expected = torch_model.runner.run(pack_sequences(same_length), options)
+    np.testing.assert_allclose(vectors, expected, rtol=1e-4, atol=1e-5)
+    (path / "infercore.json").write_text(json.dumps({"onnx_unpadded_graph": "false"}))
+    with pytest.raises(CheckpointError, match=r"onnx_unpadded_graph 'false' is not true or false"):
+        load_model("masked-only", path, "cpu", backend="onnx")
 
 
 def test_xlmr_dense_onnx_matches_torch(tmp_path):
