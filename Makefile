@@ -160,6 +160,13 @@ test-ray:
 bench-cpu: $(VENV)/.bench-deps-done
 	$(PY) benchmarks/bench_cpu.py $(BENCH_CPU_ARGS)
 
+.PHONY: bench-onnx-int8
+# int8 without HTTP: held-out quality of each int8_outliers plan, the int8 graph's throughput on every
+# core against sentence-transformers torch (the most a server can reach), its operator profile;
+# benchmarks/results/bench_onnx_int8.json. Other model: make bench-onnx-int8 BENCH_ONNX_INT8_ARGS='--model DIR'
+bench-onnx-int8: $(VENV)/.bench-deps-done
+	$(PY) benchmarks/bench_onnx_int8.py $(BENCH_ONNX_INT8_ARGS)
+
 .PHONY: proto bench-grpc
 # Regenerate the gRPC stubs (infercore/proto/) from proto/infercore/v1/*.proto; tests/test_grpc_stubs.py
 # fails while the committed stubs are stale.
