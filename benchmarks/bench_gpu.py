@@ -27,6 +27,10 @@ Sections of the JSON (``benchmarks/results/bench_gpu.json``; the dry run writes
     ``encode`` with a batch size of the same token budget; ``ratio_vs_st`` = infercore / ST;
   - ``latency_single_query``: p50 / p99 of one 16-token query (pack + run), and ST's ``encode``
     of the same query;
+  - ``onnx``: the same model on ``--backend onnx`` (fp32; the CUDA execution provider with I/O
+    binding on a GPU, which needs the ``onnx-gpu`` extra): tokens/s per mix through the backend's
+    padded length groups, ``ratio_vs_torch`` over the serial torch figure, the min cosine of its
+    outputs against the torch runner's; families it does not serve (decoders) are ``skipped``;
   - ``fused_kernels_off``: the passages mix again with the fused layer kernels switched off
     (``kernels.fused_norm.enabled``): what they buy end to end;
   - ``kernels_switched_off``: kernels the start-up self-check (``kernels.self_check``, run as the
@@ -533,6 +537,13 @@ def bench_model(
     release_memory(device)
 
     try:
+        entry["onnx"] = bench_onnx(name, path, mixes, entry, ours_for_check, args, device)
+    except Exception as exc:  # the torch figures stand without it
+        entry["onnx"] = {"error": describe(exc)}
+        print(f"  {name:<18} onnx FAILED: {describe(exc)}", flush=True)
+    release_memory(device)
+
+    try:
         entry["sentence_transformers"] = bench_sentence_transformers(
             spec, path, mixes, entry, ours_for_check, args, device, budget
         )
@@ -541,6 +552,76 @@ def bench_model(
         print(f"  {name:<18} sentence-transformers FAILED: {describe(exc)}", flush=True)
     release_memory(device)
     return entry
+
+
+def run_backend_throughput(model: Any, batches: list[list[list[int]]], seconds: float) -> float:
+    """Tokens/s of the model's backend (``make_batch`` then ``run``: for ONNX Runtime, padded
+    length groups) over the batches, cycled for at least ``seconds`` and one full pass."""
+    backend = model.backend
+    options = model.runner.default_options()
+
+    def run(batch: list[list[int]]) -> None:
+        backend.run(backend.make_batch(batch, None, [options] * len(batch)), [options] * len(batch))
+
+    for batch in batches[:2]:  # warm-up: sessions' first-run allocations
+        run(batch)
+    tokens = 0
+    i = 0
+    started = time.perf_counter()
+    while i < len(batches) or time.perf_counter() - started < seconds:
+        batch = batches[i % len(batches)]
+        run(batch)
+        tokens += sum(len(s) for s in batch)
+        i += 1
+    return tokens / (time.perf_counter() - started)
+
+
+def bench_onnx(
+    name: str, path: Path, mixes: dict[str, MixInputs], entry: dict[str, Any], ours: dict[str, list[Any]],
+    args: argparse.Namespace, device: Any,
+) -> dict[str, Any]:
+    """The same model on ``--backend onnx`` (fp32; on a GPU the CUDA execution provider with I/O
+    binding): tokens/s per mix through the backend, over the torch runner's serial figure
+    (``ratio_vs_torch``), and the min cosine of its outputs against the torch runner's. Families
+    the ONNX backend does not serve are reported as skipped, with the loader's reason."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {"skipped": "onnxruntime is not installed (the 'onnx' extra; 'onnx-gpu' on a CUDA host)"}
+    providers = ort.get_available_providers()
+    if device.type == "cuda" and "CUDAExecutionProvider" not in providers:
+        return {"skipped": f"this onnxruntime build has no CUDA provider ({', '.join(providers)}): "
+                           "install the 'onnx-gpu' extra (locks/cuda.txt)"}
+    from infercore.models.checkpoint import CheckpointError
+    from infercore.models.loader import load_model
+
+    started = time.perf_counter()
+    try:
+        model = load_model(name, path, device=str(device), dtype=args.dtype, backend="onnx")
+    except CheckpointError as exc:
+        if "not served by the onnx backend" in str(exc):
+            print(f"  {name:<18} onnx: skipped ({exc})", flush=True)
+            return {"skipped": str(exc)}
+        raise
+    result: dict[str, Any] = {"precision": model.backend.precision, "provider": providers[0] if device.type == "cuda"
+                              else "CPUExecutionProvider", "load_s": time.perf_counter() - started,
+                              "quality_at_load": model.quality, "mixes": {}}
+    for mix_name, inputs in mixes.items():
+        rate = run_backend_throughput(model, inputs.batches, args.seconds)
+        torch_rate = entry["mixes"][mix_name]["tokens_per_s"]
+        result["mixes"][mix_name] = {"tokens_per_s": rate, "ratio_vs_torch": rate / torch_rate}
+        print(f"  {name:<18} {mix_name:<9} onnx {rate:>11,.0f} tok/s  x torch {rate / torch_rate:5.2f}", flush=True)
+    cosines = []
+    options = model.runner.default_options()
+    for mix_name, theirs in ours.items():
+        check = mixes[mix_name].batches[0][: len(theirs)]
+        mine = model.backend.run(model.backend.make_batch(check, None, [options] * len(check)),
+                                 [options] * len(check))
+        width = model.runner.dimensions if hasattr(mine[0], "ids") else len(mine[0])
+        cosines.append(min_cosine(dense_rows(mine, width), dense_rows(theirs, width)))
+    result["min_cosine_vs_torch"] = min(cosines)
+    del model
+    return result
 
 
 def bench_sentence_transformers(
@@ -792,6 +873,16 @@ def print_table(results: dict[str, Any]) -> None:
             print(f"{name:<18} {mix:<9} {row['tokens_per_s']:>11,.0f} {row['tokens_per_s_prepacked']:>11,.0f} "
                   f"{row['mfu']:>6.1%} {st_text} {ratio if ratio else 0:>6.2f}")
     print()
+    print(f"{'model':<18} {'mix':<9} {'onnx tok/s':>11} {'x torch':>8} {'min cos':>9}  (--backend onnx, fp32)")
+    for name, m in models.items():
+        onnx = m.get("onnx", {})
+        if "mixes" not in onnx:
+            print(f"{name:<18} {'-':<9} {(onnx.get('skipped') or onnx.get('error') or '-')[:90]}")
+            continue
+        for mix, row in onnx["mixes"].items():
+            print(f"{name:<18} {mix:<9} {row['tokens_per_s']:>11,.0f} {row['ratio_vs_torch']:>8.2f} "
+                  f"{onnx['min_cosine_vs_torch']:>9.6f}")
+    print()
     print(f"{'model':<18} {'query p50 ms':>12} {'p99 ms':>8} {'ST p50 ms':>10} {'fused on/off':>13}")
     for name, m in models.items():
         lat, off = m["latency_single_query"], m["fused_kernels_off"]
@@ -884,6 +975,8 @@ def main(argv: list[str] | None = None) -> int:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-gpu-dry-")))
         else:
             root = args.cache
+        # The onnx side's exported graphs: beside the checkpoints (reused by the next run), unless set.
+        os.environ.setdefault("INFERCORE_CACHE_DIR", str(root / "infercore-cache"))
         build_device = "cuda" if device.type == "cuda" else "cpu"
         paths = {n: build_checkpoint(n, specs[n], root, args.dry_run, build_device) for n in names}
         tokenizer_file = paths[names[0]] / "tokenizer.json"
