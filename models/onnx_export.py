@@ -65,7 +65,7 @@ log = logging.getLogger("infercore.models.onnx")
 
 CACHE_DIR_ENV = "INFERCORE_CACHE_DIR"
 # Bumped whenever the graphs this module writes change meaning: old cache entries are then ignored.
-GRAPH_VERSION = "4"
+GRAPH_VERSION = "5"
 OPSET = 17
 SHIPPED_FP32 = "onnx/model.onnx"
 SHIPPED_INT8 = "onnx/model_qint8_avx512_vnni.onnx"
@@ -254,6 +254,7 @@ def export_model(model_dir: Path, task: str, runner, quantize: str, cache_dir: P
             step = "build"
             try:
                 module = build_graph_module(task, runner, variant)
+                module.encoder.zero_padding = quantize == "int8"
                 if quantize == "int8" and outliers != "none":
                     step = "calibrate"
                     if not calibration:

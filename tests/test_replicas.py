@@ -9,6 +9,7 @@ executors are named after their replica's device, and the real parser refuses a 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import numpy as np
@@ -170,7 +171,10 @@ class ReplicaGate:
 def two_replica_engine(monkeypatch, tiny_bert_dir):
     with monkeypatch.context() as patch:
         patch.setattr(engine_module, "resolve_devices", lambda spec: [torch.device("cpu"), torch.device("cpu:0")])
-        engine = make_engine("tiny", tiny_bert_dir)
+        # Two CPU "devices" stand in for two GPUs (the CPU is never listed twice: models/devices.py).
+        # Executors on every core's threads: no idle executor's cores are lent to a lone CPU batch
+        # (server/executor.py), which GPU replicas never do either.
+        engine = make_engine("tiny", tiny_bert_dir, cpu_threads=os.cpu_count() or 1)
     yield engine
     engine.shutdown()
 
