@@ -65,7 +65,7 @@ log = logging.getLogger("infercore.models.onnx")
 
 CACHE_DIR_ENV = "INFERCORE_CACHE_DIR"
 # Bumped whenever the graphs this module writes change meaning: old cache entries are then ignored.
-GRAPH_VERSION = "5"
+GRAPH_VERSION = "6"
 OPSET = 17
 SHIPPED_FP32 = "onnx/model.onnx"
 SHIPPED_INT8 = "onnx/model_qint8_avx512_vnni.onnx"

@@ -339,6 +339,7 @@ def test_outlier_split_computes_the_same_function_in_fp32(tmp_path, monkeypatch,
         model = load_model("jina", tiny_jina.build_jina_v3(tmp_path / "j"), "cpu")
         graph = onnx_graph.PaddedJinaGraph(model.runner.encoder, model.runner.encoder.adapter_names[0]).eval()
     monkeypatch.setattr(onnx_graph, "OUTLIER_RATIO", 0.0)  # every layer splits its largest channels off
+    monkeypatch.setattr(onnx_graph, "INPUT_OUTLIER_RATIO", 0.0)
     tokenized = model.tokenizer.encode_batch(TEXTS[:3], truncate=True)
     width = max(len(t.ids) for t in tokenized)
     ids = torch.tensor([t.ids + [0] * (width - len(t.ids)) for t in tokenized])
