@@ -167,6 +167,13 @@ bench-cpu: $(VENV)/.bench-deps-done
 bench-onnx-int8: $(VENV)/.bench-deps-done
 	$(PY) benchmarks/bench_onnx_int8.py $(BENCH_ONNX_INT8_ARGS)
 
+.PHONY: check-onnx-quality
+# The ONNX backend's quality over HTTP: the starter models served with torch, onnx and onnx int8; held-out
+# and odd texts against fp32 sentence-transformers, splade-tiny's term sets against torch's; exits 1 below
+# a floor. benchmarks/results/check_onnx_quality.json
+check-onnx-quality: $(VENV)/.bench-deps-done
+	$(PY) benchmarks/check_onnx_quality.py
+
 .PHONY: proto bench-grpc
 # Regenerate the gRPC stubs (infercore/proto/) from proto/infercore/v1/*.proto; tests/test_grpc_stubs.py
 # fails while the committed stubs are stale.
