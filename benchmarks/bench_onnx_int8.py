@@ -91,7 +91,7 @@ def cosines(a, b):
     return (a * b).sum(axis=1)
 
 
-def quality(model_dir: Path, plans: list[str], cache: Path) -> dict:
+def quality(model_dir: Path, plans: list[str]) -> dict:
     import numpy as np
     from sentence_transformers import SentenceTransformer
 
@@ -273,7 +273,7 @@ def main() -> None:
         os.environ["INFERCORE_CACHE_DIR"] = cache  # every export of this run, and only of it
         env = dict(os.environ)
         print(f"model {model_dir}; quality of each int8_outliers plan vs fp32 sentence-transformers", flush=True)
-        report = {"model": str(model_dir), "quality": quality(model_dir, args.plans.split(","), Path(cache))}
+        report = {"model": str(model_dir), "quality": quality(model_dir, args.plans.split(","))}
         print("operator shares of the int8 graph (4 passages at the full window, 1 thread):", flush=True)
         shares = operator_shares(model_dir)
         print("  " + ", ".join(f"{op} {share:.0%}" for op, share in list(shares.items())[:8]), flush=True)
