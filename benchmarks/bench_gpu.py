@@ -385,16 +385,25 @@ def run_throughput(model: Any, batches: list[list[list[int]]], seconds: float, p
         return pack_sequences(batch, device=device, pin_memory=pin)
 
     packed = [pack(b) for b in batches] if prepacked else None
-    for i in range(min(2, len(batches))):  # warm-up: kernels compiled, allocator grown
+
+    def step(i: int) -> None:
         model.runner.run(packed[i] if prepacked else pack(batches[i]), [options] * len(batches[i]))
+
+    for i in range(min(2, len(batches))):  # warm-up: kernels compiled, allocator grown
+        step(i)
     synchronize(device)
+    return cycled_tokens_per_s(batches, seconds, step)
+
+
+def cycled_tokens_per_s(batches: list[list[list[int]]], seconds: float, step: Callable[[int], Any]) -> float:
+    """Tokens/s of ``step(i)`` (computing batch i, results on the host) over the batches, cycled for
+    at least ``seconds`` and one full pass."""
     tokens = 0
     i = 0
     started = time.perf_counter()
     while i < len(batches) or time.perf_counter() - started < seconds:
-        batch = batches[i % len(batches)]
-        model.runner.run(packed[i % len(batches)] if prepacked else pack(batch), [options] * len(batch))
-        tokens += sum(len(s) for s in batch)
+        step(i % len(batches))
+        tokens += sum(len(s) for s in batches[i % len(batches)])
         i += 1
     return tokens / (time.perf_counter() - started)
 
@@ -560,20 +569,13 @@ def run_backend_throughput(model: Any, batches: list[list[list[int]]], seconds: 
     backend = model.backend
     options = model.runner.default_options()
 
-    def run(batch: list[list[int]]) -> None:
+    def step(i: int) -> None:
+        batch = batches[i]
         backend.run(backend.make_batch(batch, None, [options] * len(batch)), [options] * len(batch))
 
-    for batch in batches[:2]:  # warm-up: sessions' first-run allocations
-        run(batch)
-    tokens = 0
-    i = 0
-    started = time.perf_counter()
-    while i < len(batches) or time.perf_counter() - started < seconds:
-        batch = batches[i % len(batches)]
-        run(batch)
-        tokens += sum(len(s) for s in batch)
-        i += 1
-    return tokens / (time.perf_counter() - started)
+    for i in range(min(2, len(batches))):  # warm-up: sessions' first-run allocations
+        step(i)
+    return cycled_tokens_per_s(batches, seconds, step)
 
 
 def bench_onnx(
