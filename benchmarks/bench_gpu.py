@@ -605,9 +605,10 @@ def bench_onnx(
             print(f"  {name:<18} onnx: skipped ({exc})", flush=True)
             return {"skipped": str(exc)}
         raise
-    result: dict[str, Any] = {"precision": model.backend.precision, "provider": providers[0] if device.type == "cuda"
-                              else "CPUExecutionProvider", "load_s": time.perf_counter() - started,
-                              "quality_at_load": model.quality, "mixes": {}}
+    # The provider the base graph's session runs on (a CUDA build may list TensorRT first; we ask for CUDA).
+    provider = model.backend.session(next(iter(model.backend.graphs.files))).get_providers()[0]
+    result: dict[str, Any] = {"precision": model.backend.precision, "provider": provider,
+                              "load_s": time.perf_counter() - started, "quality_at_load": model.quality, "mixes": {}}
     for mix_name, inputs in mixes.items():
         rate = run_backend_throughput(model, inputs.batches, args.seconds)
         torch_rate = entry["mixes"][mix_name]["tokens_per_s"]

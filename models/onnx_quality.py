@@ -63,8 +63,6 @@ QUALITY_PASSAGES = (
     "glucose and release oxygen; it takes place mainly in the chloroplasts of leaf cells.",
 )
 
-QUALITY_TEXTS = QUALITY_QUERIES + QUALITY_PASSAGES
-
 # What int8 exports measure activations on to find the outlier channels (onnx_graph): other texts than
 # the probe's, so the probe judges the split on texts it was not fitted to.
 CALIBRATION_TEXTS = (
@@ -89,7 +87,7 @@ CALIBRATION_TEXTS = (
 
 @dataclass(frozen=True)
 class QualityReport:
-    """Parity of an ONNX graph with the torch path on ``QUALITY_TEXTS``."""
+    """Parity of an ONNX graph with the torch path on ``QUALITY_QUERIES`` and ``QUALITY_PASSAGES``."""
 
     precision: str
     min_cosine: float
