@@ -109,9 +109,11 @@ def quality(model_dir: Path, plans: list[str]) -> dict:
             cos = cosines(served_vectors(model, texts), reference)
             report[plan] = {"min": float(cos.min()), "p1": float(np.percentile(cos, 1)), "mean": float(cos.mean()),
                             "probe_min_cosine": model.quality["min_cosine"],
-                            "fp32_channels": model.quality.get("fp32_channels"), "load_s": round(load_s, 1)}
+                            "fp32_ffn_channels": model.quality.get("fp32_ffn_channels"),
+                            "smoothed_inputs": model.quality.get("smoothed_inputs"), "load_s": round(load_s, 1)}
             print(f"  {plan:5s} min {cos.min():.4f}  p1 {np.percentile(cos, 1):.4f}  mean {cos.mean():.5f}  "
-                  f"(load probe {model.quality['min_cosine']:.4f}; fp32 channels {model.quality.get('fp32_channels')})",
+                  f"(load probe {model.quality['min_cosine']:.4f}; fp32 FFN channels "
+                  f"{model.quality.get('fp32_ffn_channels')}, smoothed inputs {model.quality.get('smoothed_inputs')})",
                   flush=True)
     return report
 
@@ -222,6 +224,7 @@ def operator_shares(model_dir: Path) -> dict[str, float]:
     import onnxruntime as ort
 
     from infercore.models.loader import load_model
+    from infercore.models.onnx_backend import CPU_DISABLED_FUSIONS
 
     model = load_model("int8", model_dir, "cpu", backend="onnx", quantize="int8")
     path = model.backend.graphs.unpadded.get("") or model.backend.graphs.files[""]
@@ -233,7 +236,8 @@ def operator_shares(model_dir: Path) -> dict[str, float]:
     options.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=list(CPU_DISABLED_FUSIONS))  # as served
         feeds = {"input_ids": ids}
         names = {i.name for i in session.get_inputs()}
         if "token_type_ids" in names:

@@ -270,8 +270,10 @@ def load_model(
                                          quantize, settings.int8_quality_floor, settings.int8_outliers,
                                          settings.onnx_unpadded_graph)
         quality = report.as_dict() | {"unpadded_graph": bool(onnx.graphs.unpadded)}
-        if onnx.graphs.outliers is not None:  # an int8 graph exported here: its fp32 outlier channels
-            quality |= {"int8_outliers": onnx.graphs.outliers, "fp32_channels": onnx.graphs.fp32_channels}
+        if onnx.graphs.outliers is not None:  # an int8 graph exported here: its outlier treatment
+            counts = onnx.graphs.outlier_counts or {}
+            quality |= {"int8_outliers": onnx.graphs.outliers, "fp32_ffn_channels": counts.get("ffn", 0),
+                        "smoothed_inputs": counts.get("smoothed_inputs", 0)}
     return ServedModel(
         id=model_id,
         task=task,

@@ -12,11 +12,13 @@ one per task adapter, merged, plus the base weights), in this order of preferenc
    dynamic batch and sequence axes).
 
    fp32: passed through onnxruntime's transformer optimizer, which fuses the BERT/XLM-R attention
-   into ``Attention`` nodes on this exporter's graph (not on the dynamo exporter's).
+   into ``Attention`` nodes on this exporter's graph (not on the dynamo exporter's); its
+   SkipLayerNormalization fusion is off (slower on CPU than what it replaces; CUDA sessions fuse).
 
-   int8: the outlier channels measured on calibration texts are split off first
-   (``onnx_graph.split_outlier_channels``; ``int8_outliers`` in infercore.json: ``all``, the
-   default, ``ffn`` or ``none``), then every weight MatMul but those of the outlier channels is
+   int8: the outlier channels measured on calibration texts are treated first
+   (``onnx_graph.split_outlier_channels``: FFN channels split off into fp32, the projections' inputs
+   smoothed; ``int8_outliers`` in infercore.json: ``all``, the default, ``ffn`` or ``none``), then
+   every weight MatMul but those of the outlier channels is
    quantized (``quantize_dynamic``: int8 weights per output channel, activations quantized per call
    at run time), Q, K and V included (three projections: ONNX Runtime quantizes their shared input
    once; one fused projection was 7 % slower, its output slices cost more than they saved). The
@@ -65,7 +67,7 @@ log = logging.getLogger("infercore.models.onnx")
 
 CACHE_DIR_ENV = "INFERCORE_CACHE_DIR"
 # Bumped whenever the graphs this module writes change meaning: old cache entries are then ignored.
-GRAPH_VERSION = "6"
+GRAPH_VERSION = "7"
 OPSET = 17
 SHIPPED_FP32 = "onnx/model.onnx"
 SHIPPED_INT8 = "onnx/model_qint8_avx512_vnni.onnx"
@@ -89,9 +91,10 @@ class ExportedGraphs:
     precision: str  # "float32" | "int8"
     source: str  # "shipped" | "cache" | "export"
     fused_attention: int | None = None  # Attention nodes the optimizer fused (None: not ours)
-    # int8 exported here: the outlier plan and the channels it keeps in fp32 ({"ffn": n, "inputs": m})
+    # int8 exported here: the outlier plan, the FFN channels it keeps in fp32 and the projection
+    # inputs it smoothed ({"ffn": n, "smoothed_inputs": m})
     outliers: str | None = None
-    fp32_channels: dict[str, int] | None = None
+    outlier_counts: dict[str, int] | None = None
     # variant → the same weights' graph for groups without padding (no mask: flash attention)
     unpadded: dict[str, Path] = dataclasses.field(default_factory=dict)
 
@@ -194,8 +197,14 @@ def optimize_graph(path: Path, num_heads: int, hidden_size: int) -> int:
     # The optimizer logs every fusion pass at INFO on loggers of its own; the summary is ours.
     for name in ("onnx_model", "onnx_model_bert", "fusion_base", "fusion_utils", "fusion_attention"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    fusions = FusionOptions("bert")
+    # Left to the session: ONNX Runtime's CPU kernel of the fused node is slower than the plain Add
+    # and LayerNormalization (onnx_backend.CPU_DISABLED_FUSIONS); a CUDA session fuses them itself.
+    fusions.enable_skip_layer_norm = False
     optimized = optimize_model(str(path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
-                               opt_level=0)
+                               opt_level=0, optimization_options=fusions)
     fused = optimized.get_fused_operator_statistics().get("Attention", 0)
     optimized.save_model_to_file(str(path))
     return int(fused)
@@ -218,9 +227,9 @@ def quantize_int8(source: Path, target: Path) -> None:
     full range: VNNI needs no reduced range), activations quantized per call at run time.
 
     On all-MiniLM-L6-v2 against fp32 sentence-transformers, min cosine over 700 held-out queries,
-    sentences and passages (``make bench-onnx-int8``): 0.9976 with the FFN and hidden outlier
-    channels split ("all", the default), 0.9916 with the FFN ones only ("ffn", ~5 % faster), 0.9849
-    with none; the fused-Attention graph with Q, K and V
+    sentences and passages (``make bench-onnx-int8``): 0.9968 with the FFN outlier channels split
+    and the projections' inputs smoothed ("all", the default), 0.9913 with the FFN split only
+    ("ffn"), 0.9849 with neither; the fused-Attention graph with Q, K and V
     left fp32 that this replaced gave 0.989 on 64 passages and ran 0.83× as fast as "ffn"."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -249,7 +258,7 @@ def export_model(model_dir: Path, task: str, runner, quantize: str, cache_dir: P
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}-", dir=cache_dir.parent))
     try:
-        files, unpadded, fused, channels = {}, {}, 0, {"ffn": 0, "inputs": 0}
+        files, unpadded, fused, channels = {}, {}, 0, {"ffn": 0, "smoothed_inputs": 0}
         for variant in graph_variants(encoder):
             name = f"model{'-' + variant if variant else ''}"
             step = "build"
@@ -279,17 +288,24 @@ def export_model(model_dir: Path, task: str, runner, quantize: str, cache_dir: P
         meta = {"task": task, "quantize": quantize, "files": files, "unpadded": unpadded, "fused_attention": fused,
                 "weights": weights_digest(model_dir), **runtime_versions()}
         if quantize == "int8":
-            meta |= {"outliers": outliers, "fp32_channels": channels}
+            meta |= {"outliers": outliers, "outlier_counts": channels}
         (staging / "export.json").write_text(json.dumps(meta, indent=2))
         try:
             staging.rename(cache_dir)  # atomic: a reader never sees half an export
         except OSError:
-            if not (cache_dir / "export.json").is_file():  # not a concurrent export that won
+            if not cache_dir.is_dir():
                 raise
+            if read_cached(cache_dir, quantize) is None:
+                # An entry missing a file (deleted, as a load error advises): replaced by this export.
+                stale = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}-stale-", dir=cache_dir.parent))
+                cache_dir.rename(stale / "entry")
+                shutil.rmtree(stale, ignore_errors=True)
+                staging.rename(cache_dir)
+            # else a concurrent export of the same key won: its files are the same
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("exported %s (%s, %s) to %s: %d fused Attention nodes, outlier channels in fp32: %s", model_dir, task,
-             quantize, cache_dir, fused, meta.get("fp32_channels", "-"))
+    log.info("exported %s (%s, %s) to %s: %d fused Attention nodes, outlier treatment: %s", model_dir, task,
+             quantize, cache_dir, fused, meta.get("outlier_counts", "-"))
     return dataclasses.replace(read_cached(cache_dir, quantize), source="export")
 
 
@@ -316,7 +332,7 @@ def read_cached(cache_dir: Path, quantize: str) -> ExportedGraphs | None:
     if not all(p.is_file() for p in (*files.values(), *unpadded.values())):
         return None
     return ExportedGraphs(files, "int8" if quantize == "int8" else "float32", "cache", meta.get("fused_attention"),
-                          meta.get("outliers"), meta.get("fp32_channels"), unpadded)
+                          meta.get("outliers"), meta.get("outlier_counts"), unpadded)
 
 
 def exported_graphs(model_dir: Path, task: str, runner, quantize: str,

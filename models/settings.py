@@ -111,8 +111,8 @@ class ModelSettings:
     quantize: str | None = model_setting(None, parse=_one_of("quantize", QUANTIZATIONS))
     # int8 is served only if its min cosine against fp32 on the fixed text set reaches this (None: 0.99)
     int8_quality_floor: float | None = model_setting(None, parse=_quality_floor)
-    # int8: the outlier channels computed in fp32: FFN channels and the hidden channels feeding the
-    # projections ("all"), FFN channels only ("ffn": ~5 % faster, less exact), or none (None: "all")
+    # int8: how outlier channels are treated: FFN channels split off into fp32 and the projections'
+    # inputs smoothed ("all"), the FFN split only ("ffn": less exact), or neither (None: "all")
     int8_outliers: str | None = model_setting(None, parse=_one_of("int8_outliers", INT8_OUTLIERS))
     # onnx: groups without padding run through a second, unmasked graph of the same weights (flash
     # attention; 1.13x in int8 on MiniLM passages). false: every group runs through the masked graph,
