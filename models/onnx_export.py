@@ -27,7 +27,7 @@ one per task adapter, merged, plus the base weights), in this order of preferenc
    projections. ONNX Runtime's session-level fusions (LayerNorm, GELU, DynamicQuantizeMatMul) apply.
 
    BERT and XLM-R layouts get a second, unpadded graph of the same weights (``onnx_graph``: no mask,
-   flash attention), for groups without padding; 1.13× the masked int8 graph on MiniLM at 8 × 256.
+   flash attention), for groups without padding; 1.28× the masked int8 graph on MiniLM at 4 × 256.
 
 ``infercore models export-onnx DIR [--quantize int8]`` runs step 3 ahead of time for air-gapped hosts.
 A failing export raises ``OnnxExportError`` naming the model and the step; nothing is left in the cache.

@@ -115,7 +115,7 @@ class ModelSettings:
     # inputs smoothed ("all"), the FFN split only ("ffn": less exact), or neither (None: "all")
     int8_outliers: str | None = model_setting(None, parse=_one_of("int8_outliers", INT8_OUTLIERS))
     # onnx: groups without padding run through a second, unmasked graph of the same weights (flash
-    # attention; 1.13x in int8 on MiniLM passages). false: every group runs through the masked graph,
+    # attention; 1.28x in int8 on MiniLM passages). false: every group runs through the masked graph,
     # and the model holds one graph in memory, not two.
     onnx_unpadded_graph: bool = model_setting(True, parse=_flag("onnx_unpadded_graph"))
     # catalog only

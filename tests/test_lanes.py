@@ -370,6 +370,26 @@ def test_on_cpu_one_request_is_shared_among_the_idle_executors(tiny_bert_dir):
         engine.shutdown()
 
 
+def test_work_arriving_while_an_executor_is_busy_is_shared_with_it_not_taken_whole(loop):
+    """Two executors: one still runs a batch of 400 tokens when a request of 8 x 100 arrives. The
+    idle one takes an even share of all 1,200 tokens (6 inputs), not all 8: the busy one takes the
+    rest when it is done, instead of idling while the first runs 8 inputs on one core."""
+    scheduler = TokenBudgetScheduler(max_batch_tokens=10_000, spread=True)
+    other = threading.Thread(target=lambda: scheduler.next_batch(LANES))
+    scheduler.submit(work_items(loop, [400]))
+    other.start()
+    other.join()  # the other executor took a batch and is running it
+    scheduler.submit(work_items(loop, [100] * 8))
+    assert len(scheduler.next_batch(LANES)) == 6
+    # Done with its share while the other is still busy: an even share of the 200 queued and 400
+    # running tokens is more than what is left: it takes the rest in one batch (no halving tail).
+    assert len(scheduler.next_batch(LANES)) == 2
+    # Without spreading (CUDA: one executor per device) a batch takes what the budget allows.
+    whole = TokenBudgetScheduler(max_batch_tokens=10_000)
+    whole.submit(work_items(loop, [100] * 8))
+    assert len(whole.next_batch(LANES)) == 8
+
+
 def test_a_batch_that_leaves_nothing_queued_may_borrow_the_idle_executors(loop):
     scheduler = TokenBudgetScheduler(max_batch_tokens=1000, spread=True)
     scheduler._idle[LANES] = 1  # one other main executor waits
