@@ -293,20 +293,31 @@ def export_model(model_dir: Path, task: str, runner, quantize: str, cache_dir: P
         try:
             staging.rename(cache_dir)  # atomic: a reader never sees half an export
         except OSError:
-            if not cache_dir.is_dir():
-                raise
-            if read_cached(cache_dir, quantize) is None:
-                # An entry missing a file (deleted, as a load error advises): replaced by this export.
-                stale = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}-stale-", dir=cache_dir.parent))
-                cache_dir.rename(stale / "entry")
-                shutil.rmtree(stale, ignore_errors=True)
-                staging.rename(cache_dir)
-            # else a concurrent export of the same key won: its files are the same
+            if read_cached(cache_dir, quantize) is None:  # else a concurrent export of this key won
+                _replace_entry(cache_dir, staging, quantize)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s (%s, %s) to %s: %d fused Attention nodes, outlier treatment: %s", model_dir, task,
              quantize, cache_dir, fused, meta.get("outlier_counts", "-"))
     return dataclasses.replace(read_cached(cache_dir, quantize), source="export")
+
+
+def _replace_entry(cache_dir: Path, staging: Path, quantize: str) -> None:
+    """Put ``staging`` in place of an entry missing a file (deleted, as a load error advises). The old
+    entry is moved aside first (a rename: a reader sees the old entry, none, or the new one)."""
+    stale = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}-stale-", dir=cache_dir.parent))
+    try:
+        try:
+            cache_dir.rename(stale / "entry")
+        except FileNotFoundError:  # another process moved it aside already
+            pass
+        try:
+            staging.rename(cache_dir)
+        except OSError:
+            if read_cached(cache_dir, quantize) is None:  # not that other process's complete export
+                raise
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _export_one(module: nn.Module, task: str, quantize: str, stem: Path, encoder: nn.Module) -> tuple[str, int]:
