@@ -156,7 +156,8 @@ test-ray:
 # CPU backends: infercore over HTTP (torch fp32, onnx fp32, onnx int8) vs sentence-transformers in process
 # (torch, onnx, its own int8 export; its own venv under .cache/peers/st-onnx) and infinity-emb when its venv
 # exists, MiniLM and a BERT-base-size model, queries and passages, 1/2/4/8 clients;
-# benchmarks/results/bench_cpu.{json,png}. Shorter: make bench-cpu BENCH_CPU_ARGS=--quick
+# benchmarks/results/bench_cpu.{json,png}. Shorter: make bench-cpu BENCH_CPU_ARGS=--quick; on a shared
+# machine BENCH_CPU_ARGS="--rounds 2" (every side twice, interleaved, the best round per point)
 bench-cpu: $(VENV)/.bench-deps-done
 	$(PY) benchmarks/bench_cpu.py $(BENCH_CPU_ARGS)
 
