@@ -20,18 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_onnx_int8
+import peers
 
-REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results" / "check_onnx_quality.json"
 SIDES = {"torch": ["--backend", "torch"], "onnx": ["--backend", "onnx"],
          "onnx-int8": ["--backend", "onnx", "--quantize", "int8"]}
@@ -52,42 +49,18 @@ def texts() -> list[str]:
     return bench_onnx_int8.held_out_texts()[::2] + ODD_TEXTS
 
 
-def post(port: int, path: str, body: dict) -> list:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", json.dumps(body).encode(),
-                                     {"content-type": "application/json"})
-    with urllib.request.urlopen(request, timeout=300) as response:
-        return json.loads(response.read())
-
-
-def serve(args: list[str], port: int, cache: str) -> subprocess.Popen:
-    env = dict(os.environ, INFERCORE_CACHE_DIR=cache)
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "infercore"), "serve", "--host", "127.0.0.1",
-                             "--port", str(port), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=env, cwd=REPO, text=True)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"infercore serve {' '.join(args)} exited: {proc.stderr.read()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(1)
-    proc.terminate()
-    raise RuntimeError(f"infercore serve {' '.join(args)} not ready within {READY_TIMEOUT_S} s")
-
-
-def side(args: list[str], port: int, cache: str, inputs: list[str]) -> tuple[list, list]:
-    proc = serve(args, port, cache)
-    try:
+def side(name: str, args: list[str], port: int, logs: Path, inputs: list[str]) -> tuple[list, list]:
+    """One fresh ``infercore serve`` with ``args``: dense vectors of every input, sparse rows of the first
+    SPARSE_TEXTS."""
+    with peers.running(peers.infercore_server(port, logs / f"{name}.log", args), READY_TIMEOUT_S):
         dense = []
         for start in range(0, len(inputs), 32):
-            dense += post(port, "/embed", {"inputs": inputs[start:start + 32], "truncate": True})
-        sparse = post(port, "/embed_sparse", {"inputs": inputs[:SPARSE_TEXTS], "truncate": True})
+            dense += peers.embed_infercore(port, inputs[start:start + 32], timeout_s=300)
+        status, _, sparse = peers.http_call(port, "POST", "/embed_sparse",
+                                            {"inputs": inputs[:SPARSE_TEXTS], "truncate": True}, timeout_s=300)
+        if status != 200:
+            raise RuntimeError(f"infercore /embed_sparse answered {status}: {sparse}")
         return dense, sparse
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 def terms(row: list[dict], k: int | None = None) -> set[int]:
@@ -110,8 +83,9 @@ def main() -> int:
     sparse: dict[str, list] = {}
     failed = []
     with tempfile.TemporaryDirectory() as cache:  # every graph exported in this run, and only for it
+        os.environ["INFERCORE_CACHE_DIR"] = cache  # the servers inherit it
         for name, flags in SIDES.items():
-            dense, sparse[name] = side(flags, args.port, cache, inputs)
+            dense, sparse[name] = side(name, flags, args.port, Path(cache) / "logs", inputs)
             cos = bench_onnx_int8.cosines(np.asarray(dense, dtype=np.float32), reference)
             worst = int(np.argmin(cos))
             entry = {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
