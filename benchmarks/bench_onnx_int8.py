@@ -13,7 +13,8 @@ on this machine, and where its time goes.
    over the better of the two is the most a server running this graph can reach against
    sentence-transformers on this machine: HTTP, JSON and the load generator only take from it.
 3. Where the time goes: ONNX Runtime's profile of the int8 graph on 4 full-window passages, the
-   share of each operator.
+   share of each operator, and the call's time as served against the same call with every ONNX
+   Runtime fusion on (what leaving SkipLayerNormalization out on CPU gains).
 
     python benchmarks/bench_onnx_int8.py [--model DIR] [--seconds 15] [--plans none,ffn,all]
 
@@ -219,7 +220,14 @@ def st_torch(model_dir: str, seconds: float, callers: int) -> None:
     print(json.dumps({"tokens_per_s": sum(counts) / (time.perf_counter() - started)}), flush=True)
 
 
-def operator_shares(model_dir: Path) -> dict[str, float]:
+PROFILE_RUNS = 6
+
+
+def graph_profile(model_dir: Path) -> dict:
+    """ONNX Runtime's profile of the int8 graph on 4 full-window passages, one thread, as served
+    (CPU_DISABLED_FUSIONS left out): each operator's share and the milliseconds per call. The same
+    call with every fusion on (ONNX Runtime's SkipLayerNormalization included) is timed beside it,
+    alternately, the better of three each, to show what leaving those fusions out gains."""
     import numpy as np
     import onnxruntime as ort
 
@@ -231,28 +239,47 @@ def operator_shares(model_dir: Path) -> dict[str, float]:
     tokens = model.tokenizer.encode_batch(bench_passages(), truncate=True)
     window = max(len(t.ids) for t in tokens)
     ids = np.array([t.ids for t in tokens if len(t.ids) == window][:4], dtype=np.int64)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.enable_profiling = True
-    with tempfile.TemporaryDirectory() as tmp:
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                       disabled_optimizers=list(CPU_DISABLED_FUSIONS))  # as served
-        feeds = {"input_ids": ids}
-        names = {i.name for i in session.get_inputs()}
+
+    def session(disabled: list[str], profile_prefix: str | None = None):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        if profile_prefix:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=disabled)
+
+    def feeds(s) -> dict:
+        names = {i.name for i in s.get_inputs()}
+        out = {"input_ids": ids}
         if "token_type_ids" in names:
-            feeds["token_type_ids"] = np.zeros_like(ids)
+            out["token_type_ids"] = np.zeros_like(ids)
         if "attention_mask" in names:
-            feeds["attention_mask"] = np.ones_like(ids)
-        for _ in range(6):
-            session.run(None, feeds)
-        events = json.loads(Path(session.end_profiling()).read_text())
+            out["attention_mask"] = np.ones_like(ids)
+        return out
+
+    with tempfile.TemporaryDirectory() as tmp:
+        profiled = session(list(CPU_DISABLED_FUSIONS), str(Path(tmp) / "profile"))
+        for _ in range(PROFILE_RUNS):
+            profiled.run(None, feeds(profiled))
+        events = json.loads(Path(profiled.end_profiling()).read_text())
     by_op: collections.Counter = collections.Counter()
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
             by_op[event["args"]["op_name"]] += event["dur"]
     total = sum(by_op.values())
-    return {op: round(us / total, 4) for op, us in by_op.most_common()}
+
+    sides = {"served": session(list(CPU_DISABLED_FUSIONS)), "every_fusion": session([])}
+    best = dict.fromkeys(sides, float("inf"))
+    for _ in range(3):
+        for name, s in sides.items():
+            s.run(None, feeds(s))  # warm
+            started = time.perf_counter()
+            for _ in range(PROFILE_RUNS):
+                s.run(None, feeds(s))
+            best[name] = min(best[name], (time.perf_counter() - started) / PROFILE_RUNS * 1e3)
+    return {"operator_shares": {op: round(us / total, 4) for op, us in by_op.most_common()},
+            "call_ms": {name: round(ms, 1) for name, ms in best.items()}, "tokens_per_call": int(ids.size)}
 
 
 def main() -> None:
@@ -279,8 +306,12 @@ def main() -> None:
         print(f"model {model_dir}; quality of each int8_outliers plan vs fp32 sentence-transformers", flush=True)
         report = {"model": str(model_dir), "quality": quality(model_dir, args.plans.split(","))}
         print("operator shares of the int8 graph (4 passages at the full window, 1 thread):", flush=True)
-        shares = operator_shares(model_dir)
+        profile = graph_profile(model_dir)
+        shares = profile["operator_shares"]
         print("  " + ", ".join(f"{op} {share:.0%}" for op, share in list(shares.items())[:8]), flush=True)
+        calls = profile["call_ms"]
+        print(f"  per call: {calls['served']:.1f} ms as served, {calls['every_fusion']:.1f} ms with every ONNX "
+              f"Runtime fusion on (SkipLayerNormalization included)", flush=True)
         print(f"throughput, {PASSAGES_PER_BATCH}-passage batches, {args.seconds:.0f} s per point:", flush=True)
         one = int8_processes(model_dir, 1, args.seconds, env)
         print(f"  int8, 1 executor (1 thread)              {one:8.0f} tok/s", flush=True)
@@ -303,6 +334,7 @@ def main() -> None:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": cores,
                     "load_average_after": list(os.getloadavg())},
         "operator_shares": shares,
+        "call_ms_4x_window": calls,
         "throughput_tokens_per_s": {"int8_one_executor": one, "int8_every_core": every,
                                     "st_torch_fp32_by_callers": st, "st_python": st_python()},
         "ceiling_over_best_st_torch": every / best,
