@@ -7,7 +7,7 @@ first ``dims[i]`` components of row i (zeroing the rest) and L2-normalises the r
 ``pool_truncate_normalize`` is the two in one call, for heads with nothing between them.
 
 - ``segment_pool_reference`` and ``truncate_normalize`` are plain torch: the reference, and the CPU
-  path.
+  path. ``padded_pool`` is the same pooling over a padded [B, S, H] layout (the ONNX backend's).
 - ``segment_pool_triton`` runs one program per sequence: it walks the sequence's rows in blocks,
   reduces them in fp32 registers and, when given ``dims`` / ``normalize``, truncates and normalises
   the row before its only store. One read of the pooled rows, one [B, H] write, one launch.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -73,6 +74,43 @@ def segment_pool_reference(
         return torch.where(counts > 0, out, torch.zeros_like(out))
     sums = torch.zeros(num_seqs, width, dtype=torch.float32, device=hidden.device)
     sums.index_add_(0, segment[counted], hidden[counted].float())
+    counts = counts.clamp(min=1e-9)
+    return sums / (counts if mode == "mean" else counts.sqrt())
+
+
+def padded_pool(
+    hidden: torch.Tensor,
+    lengths: Sequence[int],
+    mode: str,
+    skip_leading: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """``segment_pool_reference`` over a padded layout: hidden [B, S, H], row i's tokens in its first
+    ``lengths[i]`` positions (what a padded backend such as ONNX Runtime returns). Returns [B, H]
+    float32, the same vectors as packing the rows' tokens and pooling them, in a handful of
+    operations: the packed reference's index arithmetic cost a 15-token query 0.2-0.4 ms, longer
+    than its pooling (int8 MiniLM served, a quarter of the executor's time at 4 clients)."""
+    if mode not in POOLING_MODES:
+        raise ValueError(f"unknown pooling mode {mode!r}")
+    batch, width = hidden.shape[0], hidden.shape[1]
+    if skip_leading is None and mode in ("mean", "mean_sqrt_len") and min(lengths) == width:
+        sums = hidden.float().sum(1)  # no padding, no prompt: every position counts
+        return sums / (width if mode == "mean" else math.sqrt(width))
+    device = hidden.device
+    ends = torch.tensor(lengths, device=device)
+    starts = torch.zeros_like(ends) if skip_leading is None else torch.minimum(
+        torch.tensor(skip_leading, device=device), ends)
+    rows = torch.arange(batch, device=device)
+    if mode == "last":
+        return hidden[rows, ends - 1].float()
+    if mode == "cls":
+        return hidden[rows, torch.minimum(starts, ends - 1)].float()
+    position = torch.arange(width, device=device)
+    counted = (position < ends[:, None]) & (position >= starts[:, None])
+    counts = (ends - starts).to(torch.float32).unsqueeze(1)
+    if mode == "max":
+        out = hidden.float().masked_fill(~counted[..., None], float("-inf")).amax(1)
+        return torch.where(counts > 0, out, torch.zeros_like(out))
+    sums = (hidden.float() * counted[..., None]).sum(1)
     counts = counts.clamp(min=1e-9)
     return sums / (counts if mode == "mean" else counts.sqrt())
 

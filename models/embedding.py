@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn import functional as F
 
-from ..kernels.segment_pool import pool_truncate_normalize, segment_pool, truncate_normalize
+from ..kernels.segment_pool import padded_pool, pool_truncate_normalize, segment_pool, truncate_normalize
 from .checkpoint import CheckpointError
 from .contract import Encoder
 from .model_dir import DenseSpec
@@ -99,7 +100,7 @@ class EmbeddingModel:
         """The head alone: packed hidden states [total_tokens, hidden] of the sequences ``cu_seqlens``
         delimits (inputs first, then any filler) → one vector per input, as ``run`` returns them.
         Other backends that compute the encoder themselves pool through here (``per_token``: the
-        input's rows of ``hidden``)."""
+        input's rows of ``hidden``), or through ``pool_padded``."""
         device = hidden.device
         num_seqs = cu_seqlens.shape[0] - 1
         skip = None
@@ -107,15 +108,11 @@ class EmbeddingModel:
             filler = [0] * (num_seqs - len(options))
             skip = torch.tensor([o.skip_leading for o in options] + filler, device=device)
         dims = [o.dimensions or self.dimensions for o in options]
-        dims_t = torch.tensor(dims, device=device)
-        normalize = torch.tensor([o.normalize for o in options], device=device)
         if self.dense:
-            pooled = segment_pool(hidden, cu_seqlens, self.pooling, skip)[: len(options)]
-            for layer in self.dense:
-                pooled = layer(pooled)
-            out = truncate_normalize(pooled, dims_t, normalize)
+            out = self._finish(segment_pool(hidden, cu_seqlens, self.pooling, skip)[: len(options)], dims, options)
         else:  # nothing between pooling and normalising: one fused kernel on CUDA
-            out = pool_truncate_normalize(hidden, cu_seqlens, self.pooling, dims_t, normalize, skip)
+            out = pool_truncate_normalize(hidden, cu_seqlens, self.pooling, torch.tensor(dims, device=device),
+                                          torch.tensor([o.normalize for o in options], device=device), skip)
         host = out.cpu().numpy()
         results = [host[i, :d] for i, d in enumerate(dims)]
         if any(o.per_token for o in options):
@@ -124,3 +121,28 @@ class EmbeddingModel:
                 if o.per_token:
                     results[i] = hidden[bounds[i]:bounds[i + 1]].float().cpu().numpy()
         return results
+
+    @torch.inference_mode()
+    def pool_padded(self, hidden: torch.Tensor, lengths: Sequence[int],
+                    options: Sequence[EmbedOptions]) -> list[np.ndarray]:
+        """``pool`` over a padded [batch, seq, hidden] layout, row i's tokens in its first
+        ``lengths[i]`` positions (a padded backend's output): the same vectors, without packing."""
+        skip = [o.skip_leading for o in options] if any(o.skip_leading for o in options) else None
+        dims = [o.dimensions or self.dimensions for o in options]
+        host = self._finish(padded_pool(hidden, lengths, self.pooling, skip), dims, options).cpu().numpy()
+        results = [host[i, :d] for i, d in enumerate(dims)]
+        for i, o in enumerate(options):
+            if o.per_token:
+                results[i] = hidden[i, : lengths[i]].float().cpu().numpy()
+        return results
+
+    def _finish(self, pooled: torch.Tensor, dims: list[int], options: Sequence[EmbedOptions]) -> torch.Tensor:
+        """Pooled [N, H] → the Dense layers, then each row cut to its dimensions and L2-normalised
+        where asked (one normalisation when every row keeps its width and is normalised)."""
+        for layer in self.dense:
+            pooled = layer(pooled)
+        if all(d == self.dimensions for d in dims) and all(o.normalize for o in options):
+            return F.normalize(pooled, dim=1)  # x / max(|x|, 1e-12), as truncate_normalize
+        device = pooled.device
+        return truncate_normalize(pooled, torch.tensor(dims, device=device),
+                                  torch.tensor([o.normalize for o in options], device=device))

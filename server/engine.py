@@ -14,7 +14,6 @@ import contextlib
 import datetime as dt
 import functools
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -60,7 +59,7 @@ from .errors import (
     PayloadTooLarge,
     ValidationError,
 )
-from .executor import ItemResult, ModelExecutor
+from .executor import ItemResult, Lenders, ModelExecutor
 from .image_input import PixelBudget, RequestBytes, encoded_size, fetch_image, image_error
 from .info import ModelInfo, ServerInfo, ServerLimits, describe_bi_encoder, describe_model
 from .metrics import Metrics
@@ -222,16 +221,19 @@ class Engine:
         executors = []
         for replica in replicas:
             # Names are unique across replicas: the scheduler keeps a drain rate per executor name.
+            # CPU: a batch may run on the idle main executors' cores too (ModelExecutor._widen_for).
+            lenders = Lenders(LANES, self.config.cpu_threads)
             executors += [
                 ModelExecutor(replica, scheduler, self.metrics, LANES, f"{replica.device}/main{i}",
-                              threads=self.config.cpu_threads)
+                              threads=self.config.cpu_threads, lenders=lenders)
                 for i in range(self.config.main_executors(device_type))
             ]
-            # The search executor gets every core: it runs alone when the server is idle, and a short
-            # query next to busy main executors costs little. CUDA stream priorities: lower is higher.
+            # The search executor runs beside the main ones: on CPU, one thread on no core of its own,
+            # the idle main executors' cores when it can borrow them (every core when the server is
+            # idle). CUDA stream priorities: lower is higher.
             executors.append(
                 ModelExecutor(replica, scheduler, self.metrics, ("search",), f"{replica.device}/search",
-                              stream_priority=-1, threads=os.cpu_count() or 1)
+                              stream_priority=-1, threads=1, lenders=lenders, own_cores=0)
             )
         for executor in executors:
             executor.start()

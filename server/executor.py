@@ -3,7 +3,9 @@
 Each model has main executors (one on CUDA; one single-threaded executor per core on CPU) serving
 every lane in priority order, and a search executor serving only the search lane, so a search input
 never waits for an ingest batch that is already computing (they run concurrently; on CUDA the
-search executor uses a high-priority stream).
+search executor uses a high-priority stream). On CPU a batch that leaves nothing queued also runs
+on the cores of the main executors idle beside it, lent to it until it is done (``_widen_for``);
+the search executor, which has no core of its own, runs one thread unless it can borrow theirs.
 
 Executors are the only code that touches the model's tensors. A batch that runs out of device
 memory is split in halves and retried; only an input that does not fit on its own fails, with a
@@ -40,6 +42,15 @@ log = logging.getLogger("infercore.executor")
 
 
 @dataclass(frozen=True, slots=True)
+class Lenders:
+    """CPU: the executors whose cores a batch may also run on while they idle (``borrow_idle``):
+    those serving ``lanes``, ``threads`` intra-op threads each."""
+
+    lanes: tuple[str, ...]
+    threads: int
+
+
+@dataclass(frozen=True, slots=True)
 class ItemResult:
     value: Any
     queue_s: float
@@ -56,7 +67,12 @@ class ModelExecutor:
         name: str = "main",
         stream_priority: int = 0,
         threads: int | None = None,
+        lenders: Lenders | None = None,
+        own_cores: int | None = None,
     ):
+        """``threads``: intra-op threads of a batch that borrows nothing. ``lenders`` (CPU): whose
+        idle cores a batch may borrow (``_widen_for``); ``own_cores``: the cores this executor has
+        to itself (default ``threads``; the search executor has none, it runs beside the main ones)."""
         self.model = model
         self.scheduler = scheduler
         self.metrics = metrics
@@ -65,6 +81,8 @@ class ModelExecutor:
         self.healthy = True
         self._stream_priority = stream_priority
         self._threads = threads
+        self._lenders = lenders if model.device.type == "cpu" else None
+        self._own_cores = (threads or 1) if own_cores is None else own_cores
         # The backend instance this executor runs with (its thread count; ONNX: the sessions of that count).
         self._backend = model.backend
         self._running_threads = threads
@@ -98,6 +116,7 @@ class ModelExecutor:
         if self.model.device.type == "cpu":
             if self.lanes != ("search",):
                 lower_thread_priority()
+            if self._lenders is not None:
                 # What a batch borrowing the idle cores runs with is ready before the first one (an ONNX
                 # session per thread count); see _widen_for.
                 self.model.backend.for_executor(max(os.cpu_count() or 1, self._threads or 1))
@@ -116,19 +135,28 @@ class ModelExecutor:
                     try:
                         self._run_batch(batch, packed)
                     finally:
-                        self.scheduler.give_back(self.lanes, lent)
+                        if lent:
+                            self.scheduler.give_back(self._lenders.lanes, lent)
 
     def _widen_for(self, items: list[WorkItem]) -> int:
-        """CPU: a batch that leaves nothing queued runs with the threads of the executors that are idle
-        beside it too (a lone request uses the whole machine, not one core); otherwise with this
-        executor's own. The idle executors are lent (they take no work) until the batch is done;
-        returns how many. The next batch taken sets the count again."""
-        if self.model.device.type != "cpu" or self.lanes == ("search",):
+        """CPU: a batch that leaves nothing queued runs with the threads of the lenders idle beside
+        it too (a lone request uses the whole machine, not one core); otherwise with this executor's
+        own. The idle lenders are lent (they take no work) until the batch is done; returns how many.
+        The next batch taken sets the count again.
+
+        The search executor has no core of its own: a query runs on one thread beside busy main
+        executors, on every core when they all idle, and on the cores of those it borrowed otherwise,
+        so its threads never land on a core a main executor computes on. It used to run on every
+        core always, which beside busy main executors oversubscribed them (a two-thread ONNX Runtime
+        session spins; without spinning, a 15-token int8 MiniLM query took 1.76 ms on two threads
+        against 1.44 ms on one): concurrent single queries had a fraction of the throughput and a
+        3x p99 (README, "ONNX Runtime backend")."""
+        if self._lenders is None:
             return 0
-        own = self._threads or 1
         cores = os.cpu_count() or 1
-        lent = self.scheduler.borrow_idle(self.lanes, -(-cores // own) - 1)
-        threads = max(min(own * (1 + lent), cores), own)
+        wanted = -(-max(cores - self._own_cores, 0) // self._lenders.threads)
+        lent = self.scheduler.borrow_idle(self._lenders.lanes, wanted) if wanted else 0
+        threads = max(min(self._own_cores + lent * self._lenders.threads, cores), self._threads or 1)
         if threads != self._running_threads:
             self._backend = self.model.backend.for_executor(threads)
             self._running_threads = threads

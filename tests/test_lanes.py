@@ -436,6 +436,43 @@ def test_on_cpu_a_lone_input_runs_with_the_idle_executors_threads_too(tiny_bert_
         engine.shutdown()
 
 
+def test_on_cpu_a_query_takes_only_the_cores_no_main_executor_computes_on(tiny_bert_dir):
+    """The search executor runs beside the main ones: a query on an idle server runs on every core,
+    one next to two busy main executors on one thread, not on threads that land on their cores
+    (a spinning ONNX Runtime session there took the cores from the HTTP side: concurrent int8
+    queries lost 40 % of their throughput and had a 3x p99)."""
+    import torch
+
+    engine = make_engine("tiny", tiny_bert_dir, cpu_workers=2, cpu_threads=1)
+    seen: list[tuple[str, int]] = []
+    ingest_text = text_of_tokens(engine, "tiny", 100)
+
+    def record(batch, options):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+
+    async def busy_then_query():
+        with RunnerSpy(engine, "tiny", holds=is_main_executor, fault=record) as spy:
+            # Two inputs in one request: one to each main executor (an even share), none borrowing.
+            ingest = asyncio.ensure_future(engine.embed(EmbedRequest([ingest_text] * 2)))
+            await async_wait_for(lambda: spy.held == 2, "both main executors held")
+            query = await asyncio.wait_for(engine.embed(EmbedRequest(["where is the lighthouse"])), timeout=30)
+            spy.release.set()
+            await ingest
+            return query
+
+    try:
+        wait_for(lambda: engine.models["tiny"].scheduler._idle.get(LANES) == 2, "both main executors idle")
+        with RunnerSpy(engine, "tiny", fault=record):
+            asyncio.run(engine.embed(EmbedRequest(["where is the lighthouse"])))
+        assert [threads for _, threads in seen] == [os.cpu_count() or 1]  # whichever executor took it
+        seen.clear()
+        wait_for(lambda: engine.models["tiny"].scheduler._idle.get(LANES) == 2, "both main executors idle")
+        assert asyncio.run(busy_then_query()).lane == "search"
+        assert [threads for name, threads in seen if is_search_executor(name)] == [1]
+    finally:
+        engine.shutdown()
+
+
 def test_padded_backends_count_padded_tokens_against_the_budget(loop):
     packed = TokenBudgetScheduler(max_batch_tokens=400)
     padded = TokenBudgetScheduler(max_batch_tokens=400, padded=True)

@@ -16,7 +16,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Pooling
 
-from infercore.kernels.segment_pool import POOLING_MODES, segment_pool, truncate_normalize
+from infercore.kernels.segment_pool import POOLING_MODES, padded_pool, segment_pool, truncate_normalize
 from infercore.models.embedding import EmbedOptions
 from infercore.models.loader import load_model
 from infercore.models.packing import pack_sequences
@@ -145,6 +145,35 @@ def test_half_precision_hidden_states_pool_in_float32(mode):
     torch.testing.assert_close(out.double(), padded_reference(hidden, LENGTHS, mode), atol=1e-5, rtol=1e-5)
 
 
+def _garbage_padded(hidden: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """[B, L, H] with the padding positions full of large values: a pooling that lets padding in
+    (any mode, max included) is visibly off."""
+    padded, mask = _padded(hidden, lengths)
+    return torch.where(mask.bool().unsqueeze(-1), padded, torch.full_like(padded, 1e4))
+
+
+@pytest.mark.parametrize("mode", POOLING_MODES)
+def test_padded_pool_matches_the_reference_with_padding_and_prompts(mode):
+    """The ONNX backend pools its padded output with ``padded_pool``: the same vectors as packing."""
+    lengths = [4, 9, 3, 30, 1]
+    hidden, _ = _packed(lengths, seed=7)
+    padded = _garbage_padded(hidden, lengths)
+    torch.testing.assert_close(padded_pool(padded, lengths, mode).double(), padded_reference(hidden, lengths, mode),
+                               atol=1e-6, rtol=1e-6)
+    skip = [1, 5, 0, 29, 0]
+    torch.testing.assert_close(padded_pool(padded, lengths, mode, skip).double(),
+                               padded_reference(hidden, lengths, mode, skip), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", POOLING_MODES)
+def test_padded_pool_of_rows_without_padding_matches_the_reference(mode):
+    lengths = [12, 12, 12]  # a group of one length: the shortcut over every position
+    hidden, _ = _packed(lengths, seed=8)
+    padded, _ = _padded(hidden, lengths)
+    torch.testing.assert_close(padded_pool(padded, lengths, mode).double(), padded_reference(hidden, lengths, mode),
+                               atol=1e-6, rtol=1e-6)
+
+
 def test_segment_pool_rejects_unknown_mode():
     hidden, cu = _packed([2])
     with pytest.raises(ValueError, match="weightedmean"):
@@ -262,3 +291,38 @@ def test_requested_dimensions_are_truncated_before_normalising(pooling_dirs):
     np.testing.assert_allclose(np.linalg.norm(short, axis=1), 1.0, atol=1e-6)
     # normalize=False gives the raw pooled vector, not a unit vector
     assert not np.allclose(np.linalg.norm(full, axis=1), 1.0, atol=1e-3)
+
+
+class _TanhDense(torch.nn.Module):
+    """A sentence-transformers Dense layer's shape (``linear`` + activation), random weights."""
+
+    def __init__(self, width: int, out: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(width, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(x))
+
+
+@pytest.mark.parametrize("with_dense", [False, True], ids=["pooling-only", "dense"])
+def test_the_head_on_a_padded_layout_gives_what_it_gives_on_packed_tokens(with_dense):
+    """``pool_padded`` (the ONNX backend's head) against ``pool`` on the same tokens packed, with a
+    different option on every row: a prompt left out, a Matryoshka cut, no normalisation, per token."""
+    from infercore.models.embedding import EmbeddingModel
+
+    class Encoder:
+        hidden_size = WIDTH
+
+    torch.manual_seed(9)
+    model = EmbeddingModel(Encoder(), "mean", [_TanhDense(WIDTH, 16)] if with_dense else [])
+    lengths = [6, 3, 9, 9, 5]
+    options = [EmbedOptions(), EmbedOptions(skip_leading=2), EmbedOptions(dimensions=8),
+               EmbedOptions(normalize=False), EmbedOptions(per_token=True)]
+    hidden, cu = _packed(lengths, seed=10)
+    packed = model.pool(hidden, cu, options)
+    padded = model.pool_padded(_garbage_padded(hidden, lengths), lengths, options)
+    for ours, theirs in zip(padded, packed):
+        assert ours.shape == theirs.shape
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert padded[2].shape == (8,) and padded[4].shape == (lengths[4], WIDTH)
+    assert abs(np.linalg.norm(padded[0]) - 1) < 1e-5 and abs(np.linalg.norm(padded[3]) - 1) > 1e-3
