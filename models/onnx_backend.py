@@ -4,7 +4,8 @@
   each padded only to its own longest input; a group closes when one more input would make it pad
   more than ``MAX_PADDING_SHARE`` of its tokens, or pad at all once the group holds
   ``MIN_PADDED_GROUP_TOKENS`` real tokens, or exceed the per-call token cap (SPLADE's graph
-  holds [tokens, vocab] logits inside ONNX Runtime, so its calls stay small). One ``run`` per group;
+  holds [tokens, vocab] logits inside ONNX Runtime, so its calls stay small; on CPU every call keeps
+  its FFN activations cache-sized, ``call_token_cap``). One ``run`` per group;
   results go back in input order. A group without padding runs through the model's unpadded graph
   when it has one (no mask: ONNX Runtime's flash attention).
 - Heads: sparse and rerank graphs end in the head (``[batch, vocab]`` term weights, ``[batch]``
@@ -14,7 +15,7 @@
 - Threads: ``for_executor(threads)`` gives an executor sessions with that many intra-op threads,
   one set per thread count shared by the executors running with it (spinning off: the cores are
   shared with the other executors, tokenizers and the loop; on in a session on every core, which
-  only runs lone batches).
+  only runs lone batches, and then only while a call runs).
 - CUDA (``onnxruntime-gpu``): the CUDA execution provider with I/O binding; inputs are copied to the
   device once per call and only the graph's output comes back.
 
@@ -63,6 +64,13 @@ MIN_PADDED_GROUP_TOKENS = 256
 # Padded tokens per ONNX Runtime call. SPLADE's graph materialises [tokens, vocab] float32 logits
 # inside the runtime (1024 × 30522 × 4 B = 125 MB), so its calls are capped lower.
 MAX_CALL_TOKENS = {"text_embedding": 8192, "rerank": 8192, "sparse_embedding": 1024}
+# On CPU, a call's FFN activations (tokens × intermediate_size floats) are kept within this many
+# elements (~6 MB) so that they stay in cache while both cores compute. Raw int8 calls on both cores
+# at once, tokens/s by rows of 256 tokens per call: MiniLM 19.3k / 19.7k / 19.4k / 18.4k / 16.8k at
+# 1 / 2 / 4 / 8 / 16 rows, BERT-base 3.3k / 3.2k / 3.0k / 2.5k at 1 / 2 / 4 / 8. Served (int8 MiniLM,
+# bench-cpu's passages over HTTP), capping calls at 1,024 tokens took 2-8 clients from 13.1-14.4k to
+# 16.0-17.3k tokens/s (ad-hoc A/B runs, two each, interleaved). A longer input still runs whole.
+CPU_CALL_FFN_ACTIVATIONS = 1_600_000
 # Output names of graphs exported by others (sentence-transformers / optimum) for dense models.
 SHIPPED_DENSE_OUTPUTS = ("last_hidden_state", "token_embeddings")
 
@@ -124,7 +132,7 @@ class OnnxBackend:
 
     def __init__(self, task: str, graphs: ExportedGraphs, runner: Any, device: torch.device,
                  uses_token_types: bool, threads: int | None = None,
-                 shared: dict[int, OnnxBackend] | None = None):
+                 shared: dict[int, OnnxBackend] | None = None, max_call_tokens: int | None = None):
         self.task = task
         self.graphs = graphs
         self.precision = graphs.precision
@@ -132,7 +140,7 @@ class OnnxBackend:
         self.device = device
         self.uses_token_types = uses_token_types
         self.threads = threads or os.cpu_count() or 1
-        self.max_call_tokens = MAX_CALL_TOKENS[task]
+        self.max_call_tokens = max_call_tokens or MAX_CALL_TOKENS[task]
         self._sessions: dict[tuple[str, bool], Any] = {}  # (variant, unpadded) → session
         self._output: str | None = None
         self._inputs: dict[tuple[str, bool], set[str]] = {}
@@ -190,7 +198,7 @@ class OnnxBackend:
             instance = self._shared.get(key)
             if instance is None:
                 instance = OnnxBackend(self.task, self.graphs, self.runner, self.device, self.uses_token_types, key,
-                                       self._shared)
+                                       self._shared, self.max_call_tokens)
                 instance.warm_up()
         return instance
 
@@ -431,6 +439,15 @@ def probe_quality(task: str, backend: OnnxBackend, runner: Any, tokenizer, vocab
     return worst
 
 
+def call_token_cap(task: str, device: torch.device, intermediate_size: int | None) -> int:
+    """Padded tokens per ONNX Runtime call: MAX_CALL_TOKENS, and on CPU at most what keeps the FFN's
+    activations within CPU_CALL_FFN_ACTIVATIONS (MiniLM, 1,536: 1,041 tokens; BERT-base, 3,072: 520)."""
+    cap = MAX_CALL_TOKENS[task]
+    if device.type == "cpu" and intermediate_size:
+        cap = min(cap, max(CPU_CALL_FFN_ACTIVATIONS // intermediate_size, 64))
+    return cap
+
+
 def load_onnx_backend(model_id: str, model_dir: Path, task: str, family: str, runner: Any, tokenizer,
                       device: torch.device, quantize: str, int8_floor: float | None,
                       int8_outliers: str | None = None, unpadded_graph: bool = True):
@@ -456,7 +473,9 @@ def load_onnx_backend(model_id: str, model_dir: Path, task: str, family: str, ru
     graphs = exported_graphs(model_dir, task, runner, quantize, lambda: calibration_inputs(task, tokenizer), outliers)
     if not unpadded_graph:  # still exported and cached (the cache does not depend on this setting)
         graphs = dataclasses.replace(graphs, unpadded={})
-    backend = OnnxBackend(task, graphs, runner, device, uses_token_types)
+    intermediate = getattr(getattr(encoder, "config", None), "intermediate_size", None)
+    backend = OnnxBackend(task, graphs, runner, device, uses_token_types,
+                          max_call_tokens=call_token_cap(task, device, intermediate))
     backend.open_all()  # a graph that does not load fails here, at load
     vocab = getattr(runner, "dimensions", 0)
     report = probe_quality(task, backend, runner, tokenizer, vocab, tuple(graphs.files))

@@ -22,7 +22,12 @@ from infercore.models.catalog import lookup  # noqa: E402
 from infercore.models.checkpoint import CheckpointError  # noqa: E402
 from infercore.models.embedding import EmbedOptions  # noqa: E402
 from infercore.models.loader import load_model  # noqa: E402
-from infercore.models.onnx_backend import group_by_length, open_session  # noqa: E402
+from infercore.models.onnx_backend import (  # noqa: E402
+    MAX_CALL_TOKENS,
+    call_token_cap,
+    group_by_length,
+    open_session,
+)
 from infercore.models.packing import pack_sequences  # noqa: E402
 from infercore.models.sparse import SparseOptions  # noqa: E402
 from tests import tiny_checkpoints, tiny_jina, tiny_llama_like  # noqa: E402
@@ -97,6 +102,9 @@ def test_minilm_onnx_matches_torch_and_fuses_attention(minilm_dir, tmp_path):
         ops = runtime_ops(graph, tmp_path)
         assert ops["SkipLayerNormalization"] == 0 and ops["LayerNormalization"] == 1 + 2 * 6, ops
     assert ops["MultiHeadAttention"] == 6
+    # On CPU a call holds at most 4 full-window passages (its FFN activations stay in cache).
+    batch = onnx_model.backend.make_batch([list(range(1000, 1256))] * 8, None, [EmbedOptions()] * 8)
+    assert [len(group.rows) for group in batch.groups] == [4, 4]
     # Per-request options go through the same head: truncated dimensions, no normalisation.
     options = [EmbedOptions(normalize=False, dimensions=128)] * len(TEXTS)
     for ours, theirs in zip(run_texts(torch_model, TEXTS, options), run_texts(onnx_model, TEXTS, options)):
@@ -430,6 +438,15 @@ def test_int8_floor_is_read_from_infercore_json(tmp_path):
 
 
 # ---- batches --------------------------------------------------------------------------------------
+
+
+def test_cpu_calls_keep_the_ffn_activations_in_cache_and_gpu_calls_are_not_cut():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert call_token_cap("text_embedding", cpu, 1536) == 1041  # MiniLM: 4 rows of 256 tokens
+    assert call_token_cap("rerank", cpu, 3072) == 520  # BERT-base: 2 rows of 256
+    assert call_token_cap("sparse_embedding", cpu, 768) == MAX_CALL_TOKENS["sparse_embedding"]  # its own cap is lower
+    assert call_token_cap("text_embedding", cuda, 1536) == MAX_CALL_TOKENS["text_embedding"]
+    assert call_token_cap("text_embedding", cpu, None) == MAX_CALL_TOKENS["text_embedding"]  # a size not known
 
 
 def test_length_groups_bound_padding_and_keep_variants_apart():
