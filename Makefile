@@ -168,6 +168,12 @@ bench-cpu: $(VENV)/.bench-deps-done
 bench-onnx-int8: $(VENV)/.bench-deps-done
 	$(PY) benchmarks/bench_onnx_int8.py $(BENCH_ONNX_INT8_ARGS)
 
+.PHONY: bench-onnx-call-size
+# int8 tokens/s by rows of 256 tokens per ONNX Runtime call, one executor and one per core at once (what
+# the CPU call cap in models/onnx_backend.py is set from); benchmarks/results/bench_onnx_call_size.json
+bench-onnx-call-size: $(VENV)/.bench-deps-done
+	$(PY) benchmarks/bench_onnx_call_size.py $(BENCH_ONNX_CALL_SIZE_ARGS)
+
 .PHONY: check-onnx-quality
 # The ONNX backend's quality over HTTP: the starter models served with torch, onnx and onnx int8; held-out
 # and odd texts against fp32 sentence-transformers, splade-tiny's term sets against torch's; exits 1 below

@@ -87,8 +87,9 @@ def padded_pool(
     """``segment_pool_reference`` over a padded layout: hidden [B, S, H], row i's tokens in its first
     ``lengths[i]`` positions (what a padded backend such as ONNX Runtime returns). Returns [B, H]
     float32, the same vectors as packing the rows' tokens and pooling them, in a handful of
-    operations: the packed reference's index arithmetic cost a 15-token query 0.2-0.4 ms, longer
-    than its pooling (int8 MiniLM served, a quarter of the executor's time at 4 clients)."""
+    operations: packing first and the packed reference's index arithmetic took longer than a short
+    query's pooling itself (a sizeable share of the executor's time under concurrent int8 queries,
+    in an ad-hoc profile)."""
     if mode not in POOLING_MODES:
         raise ValueError(f"unknown pooling mode {mode!r}")
     batch, width = hidden.shape[0], hidden.shape[1]

@@ -65,11 +65,13 @@ MIN_PADDED_GROUP_TOKENS = 256
 # inside the runtime (1024 × 30522 × 4 B = 125 MB), so its calls are capped lower.
 MAX_CALL_TOKENS = {"text_embedding": 8192, "rerank": 8192, "sparse_embedding": 1024}
 # On CPU, a call's FFN activations (tokens × intermediate_size floats) are kept within this many
-# elements (~6 MB) so that they stay in cache while both cores compute. Raw int8 calls on both cores
-# at once, tokens/s by rows of 256 tokens per call: MiniLM 19.3k / 19.7k / 19.4k / 18.4k / 16.8k at
-# 1 / 2 / 4 / 8 / 16 rows, BERT-base 3.3k / 3.2k / 3.0k / 2.5k at 1 / 2 / 4 / 8. Served (int8 MiniLM,
-# bench-cpu's passages over HTTP), capping calls at 1,024 tokens took 2-8 clients from 13.1-14.4k to
-# 16.0-17.3k tokens/s (ad-hoc A/B runs, two each, interleaved). A longer input still runs whole.
+# elements (~6 MB) so that they stay in cache while every core computes. `make bench-onnx-call-size`
+# (int8, both cores at once, tokens/s by rows of 256 tokens per call 1 / 2 / 4 / 8 / 16): MiniLM
+# 20.5k / 20.5k / 19.7k / 19.1k / 17.8k, BERT-base 3.50k / 3.48k / 3.37k / 3.21k / 3.01k; the machine's
+# speed moves between runs, the slope stays. Served (int8 MiniLM passages over HTTP, `make
+# bench-cpu`), int8 ran at 13.4-15.1k tokens/s at 1-8 clients with calls of up to 8,192 tokens (9-14
+# passages per batch under load) and at 15.8-18.3k in three runs with this cap. A longer input
+# still runs whole.
 CPU_CALL_FFN_ACTIVATIONS = 1_600_000
 # Output names of graphs exported by others (sentence-transformers / optimum) for dense models.
 SHIPPED_DENSE_OUTPUTS = ("last_hidden_state", "token_embeddings")
@@ -326,8 +328,7 @@ def open_session(path: Path, device: torch.device, threads: int | None, optimize
     spinning = options.intra_op_num_threads >= cores > 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     # ... and only while a call runs: by default they go on spinning after it returns, taking the cores
-    # from the HTTP side, the tokenizers and the next batch (single int8 MiniLM queries over HTTP at 4
-    # clients: the server's CPU 1.77 → 1.39 cores for more queries answered; README).
+    # from the HTTP side, the tokenizers and the next batch (bench-cpu's single queries; README).
     options.add_session_config_entry("session.force_spinning_stop", "1")
     options.log_severity_level = 3
     if device.type == "cuda":

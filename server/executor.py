@@ -148,9 +148,9 @@ class ModelExecutor:
         executors, on every core when they all idle, and on the cores of those it borrowed otherwise,
         so its threads never land on a core a main executor computes on. It used to run on every
         core always, which beside busy main executors oversubscribed them (a two-thread ONNX Runtime
-        session spins; without spinning, a 15-token int8 MiniLM query took 1.76 ms on two threads
-        against 1.44 ms on one): concurrent single queries had a fraction of the throughput and a
-        3x p99 (README, "ONNX Runtime backend")."""
+        session spins; without spinning, two threads ran a 15-token int8 MiniLM query slower than one
+        in an ad-hoc timing), costing concurrent single queries throughput and tail latency
+        (bench-cpu's query sweep; README, "ONNX Runtime backend and int8")."""
         if self._lenders is None:
             return 0
         cores = os.cpu_count() or 1

@@ -439,8 +439,8 @@ def test_on_cpu_a_lone_input_runs_with_the_idle_executors_threads_too(tiny_bert_
 def test_on_cpu_a_query_takes_only_the_cores_no_main_executor_computes_on(tiny_bert_dir):
     """The search executor runs beside the main ones: a query on an idle server runs on every core,
     one next to two busy main executors on one thread, not on threads that land on their cores
-    (a spinning ONNX Runtime session there took the cores from the HTTP side: concurrent int8
-    queries lost 40 % of their throughput and had a 3x p99)."""
+    (a spinning ONNX Runtime session there took the cores from the main executors and the HTTP
+    side, and concurrent int8 queries lost throughput and tail latency)."""
     import torch
 
     engine = make_engine("tiny", tiny_bert_dir, cpu_workers=2, cpu_threads=1)

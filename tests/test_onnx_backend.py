@@ -545,8 +545,7 @@ def test_an_allocation_failure_of_either_runtime_counts_as_out_of_memory(tiny_be
 def test_only_a_session_on_every_core_spins_and_only_while_a_call_runs(tiny_bert_dir):
     """A session with fewer threads than cores shares them with other executors: its idle threads
     sleep. One on every core spins inside a call, and stops when the call returns: spinning on took
-    the cores from the HTTP side and the tokenizers between calls (single queries at 4 clients lost
-    40 % of their throughput)."""
+    the cores from the HTTP side and the tokenizers between calls."""
     import os
 
     graph = load_model("tiny", tiny_bert_dir, "cpu", backend="onnx").backend.graphs.files[""]
